@@ -1,0 +1,1 @@
+"""align: the InstructGPT recipe as stages connected by datasets on disk."""

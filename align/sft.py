@@ -1,0 +1,335 @@
+"""Supervised fine-tuning with LoRA: teach the base model to follow instructions from demonstrations.
+
+Reads a dataset with a `messages` column (chats; the loss covers the assistant turns only) or
+`prompt` + `completion` columns (the loss covers the completion only): a stage output directory,
+a `save_to_disk` directory, a JSON/JSONL/Parquet file, or a hub name. Uses its `test` split for
+evaluation, or holds out `eval_fraction` of the training rows.
+
+Writes `<output_dir>/adapter/` (PEFT adapter, tokenizer, model card), `manifest.json` (train and
+eval loss, config, input fingerprints) and `logs/` (metrics.jsonl, TensorBoard). Work happens in
+`<output_dir>.partial/`; re-running the same command after a crash resumes from the last checkpoint.
+
+    align sft --config configs/tiny/sft.yaml                      # seconds, tiny offline model
+    align sft --config configs/sft.yaml                           # SmolLM2-135M-Instruct on CPU
+    python -m align.sft --config configs/sft.yaml --learning_rate 1e-4
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m align.sft --config configs/sft.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import DatasetDict
+from transformers import TrainerCallback
+from trl import ModelConfig, SFTConfig
+
+from align.common import (
+    StageError,
+    StageOutput,
+    append_jsonl,
+    base_manifest,
+    load_stage_dataset,
+    now_iso,
+    parse_config,
+    run_stage,
+    validate_columns,
+)
+from align.hub import write_model_card
+from align.models import DEFAULT_MODEL, default_precision, load_causal_lm, load_tokenizer, lora_config, resolve_model
+
+STAGE = "sft"
+logger = logging.getLogger("align")
+
+
+@dataclass
+class SFTDataArguments:
+    dataset_name: str = field(
+        default="data/seed/demonstrations.jsonl",
+        metadata={"help": "Training data: a stage output directory, a save_to_disk directory, a JSON/JSONL/Parquet "
+                  "file, or a hub dataset name. Needs `messages`, or `prompt` and `completion`."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on, when the dataset has it."}
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Without a test split, hold out this fraction of the training rows (seeded) for "
+                  "evaluation; 0 disables evaluation. Needs at least 10 rows."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on at most this many rows (after the eval hold-out)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an existing finished output_dir (atomically, at the end)."}
+    )
+    restart: bool = field(
+        default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial instead of resuming it."}
+    )
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep checkpoints/ in the finished output (default: delete them)."}
+    )
+
+
+@dataclass
+class SFTModelConfig(ModelConfig):
+    """TRL's ModelConfig with the pipeline's defaults: the embedded model and LoRA on."""
+
+    model_name_or_path: str | None = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": f"Base model: '{DEFAULT_MODEL}' (embedded), 'tiny-llama' (tiny, offline, for smoke "
+                  "runs), a local Hugging Face directory, or a hub id."},
+    )
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the pipeline expects one)."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules LoRA adapts ('all-linear' = every linear layer but the output head)."},
+    )
+
+
+@dataclass
+class SFTStageConfig(SFTConfig):
+    """TRL's SFTConfig with CPU-friendly defaults for a LoRA run."""
+
+    output_dir: str | None = field(default="runs/sft", metadata={"help": "Where the finished stage output goes."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (LoRA likes ~1e-4..3e-4)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Passes over the training data."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
+    max_length: int | None = field(default=512, metadata={"help": "Truncate tokenized examples to this length."})
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "For `messages` data: compute the loss on assistant turns only. (For prompt/completion "
+                  "data the loss is on completions, see completion_only_loss.)"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory (slower)."}
+    )
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (for resuming)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    logging_steps: float = field(default=5, metadata={"help": "Log metrics every N optimizer steps."})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Integrations to log to ('tensorboard', 'wandb', 'none', ...)."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:  # TRL would default to bf16 even on a CPU, where it is slow
+            self.bf16 = default_precision()["bf16"]
+        super().__post_init__()
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log (loss, learning rate, eval loss, ...) to logs/metrics.jsonl and counts the
+    optimizer steps each rank runs, so a distributed run can show that every rank took part."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.steps_this_run = 0
+        self.history: list[dict] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps_this_run += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **(logs or {})}
+        self.history.append(record)
+        if state.is_world_process_zero:
+            append_jsonl(self.path, record)
+
+    def steps_per_rank(self) -> list[int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.steps_this_run)
+            return [int(x) for x in gathered]
+        return [self.steps_this_run]
+
+
+def latest_checkpoint(checkpoint_dir: Path, remove_incomplete: bool) -> Path | None:
+    """The newest checkpoint that finished writing (the trainer writes trainer_state.json last)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    complete = [p for p in candidates if (p / "trainer_state.json").exists()]
+    if remove_incomplete:
+        for path in candidates:
+            if path not in complete:
+                logger.info("removing incomplete checkpoint %s", path.name)
+                shutil.rmtree(path, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int) -> tuple[DatasetDict, str]:
+    """Pick the format, validate it, and return {train, eval?} with only the columns TRL needs."""
+    train_split = args.dataset_train_split
+    if train_split not in data:
+        raise StageError(STAGE, f"split '{train_split}' not found in {args.dataset_name} (found: "
+                         f"{', '.join(data) or 'none'}) — set --dataset_train_split")
+    columns = data[train_split].column_names
+    if "messages" in columns:
+        schema, kind = {"messages": "messages"}, "messages"
+    elif "prompt" in columns and "completion" in columns:
+        schema, kind = {"prompt": "str|messages", "completion": "str|messages"}, "prompt-completion"
+    else:
+        raise StageError(
+            STAGE,
+            f"{args.dataset_name} split '{train_split}' has no 'messages' column (and no 'prompt'+'completion' "
+            f"pair); found: {', '.join(columns) or 'none'} — produce it with `align self-instruct` or convert "
+            "your data to chat messages",
+        )
+    splits = [train_split] + ([args.dataset_test_split] if args.dataset_test_split in data else [])
+    validate_columns(data, STAGE, schema, splits=splits)
+    keep = list(schema)
+    train = data[train_split].select_columns(keep)
+    if args.dataset_test_split in data:
+        prepared = DatasetDict(train=train, eval=data[args.dataset_test_split].select_columns(keep))
+    elif args.eval_fraction > 0 and len(train) >= 10:
+        held_out = train.train_test_split(test_size=args.eval_fraction, seed=seed)
+        prepared = DatasetDict(train=held_out["train"], eval=held_out["test"])
+    else:
+        prepared = DatasetDict(train=train)
+    if args.max_train_samples is not None:
+        prepared["train"] = prepared["train"].select(range(min(args.max_train_samples, len(prepared["train"]))))
+    return prepared, kind
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from trl import SFTTrainer
+
+    data_args, training_args, model_args = parse_config(
+        STAGE, (SFTDataArguments, SFTStageConfig, SFTModelConfig), argv
+    )
+    started = now_iso()
+    config = {
+        "data": dataclasses.asdict(data_args),
+        "model": dataclasses.asdict(model_args),
+        "training": training_args.to_dict(),
+    }
+    # `restart`/`overwrite` only say what to do with existing directories; they do not change the run.
+    config["data"].pop("restart")
+    config["data"].pop("overwrite_output_dir")
+    output = StageOutput(
+        STAGE, Path(training_args.output_dir), config,
+        overwrite=data_args.overwrite_output_dir, restart=data_args.restart,
+    )
+
+    # Validate everything before writing anything.
+    output.check()
+    data, data_kind = prepare_data(load_stage_dataset(data_args.dataset_name, STAGE), data_args, training_args.seed)
+    if data_kind == "prompt-completion":
+        training_args.assistant_only_loss = False  # the completion mask plays that role
+    model_path = resolve_model(model_args.model_name_or_path, STAGE)
+    tokenizer = load_tokenizer(model_path, STAGE)
+    if data_kind == "messages" and not tokenizer.chat_template:
+        raise StageError(STAGE, f"{model_args.model_name_or_path} has no chat template, so `messages` data cannot "
+                         "be formatted — use a chat model or prompt/completion data")
+
+    is_main = training_args.process_index == 0
+    partial = output.open(is_main_process=is_main)
+    checkpoints = partial / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints, remove_incomplete=is_main)
+    training_args = dataclasses.replace(training_args, output_dir=str(checkpoints))
+
+    model = load_causal_lm(model_path, dtype=model_args.dtype, stage=STAGE)
+    metrics_callback = MetricsCallback(partial / "logs" / "metrics.jsonl")
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("eval"),
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args),
+        callbacks=[metrics_callback],
+    )
+    _route_tensorboard(trainer, partial / "logs" / "tensorboard")
+
+    if resume_from is not None:
+        if is_main:
+            _truncate_history(partial, int(resume_from.name.split("-")[-1]))
+        logger.info("resuming from %s (step %s)", resume_from.name, resume_from.name.split("-")[-1])
+    else:
+        logger.info("training %s on %d examples (%s) -> %s", model_args.model_name_or_path, len(data["train"]),
+                    data_kind, output.output_dir)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    eval_metrics = trainer.evaluate() if "eval" in data else {}
+    steps_per_rank = metrics_callback.steps_per_rank()
+    logger.info("rank %d/%d ran %d optimizer steps", training_args.process_index, training_args.world_size,
+                metrics_callback.steps_this_run)
+    trainer.accelerator.wait_for_everyone()
+    if not is_main:
+        return output.output_dir
+
+    adapter = partial / "adapter"
+    trainer.model.save_pretrained(str(adapter))
+    tokenizer.save_pretrained(str(adapter))
+    losses = [r["loss"] for r in _read_history(partial) if "loss" in r]
+    manifest = base_manifest(
+        STAGE, config, {"dataset": data_args.dataset_name},
+        {"name_or_path": model_args.model_name_or_path, "resolved": model_path}, started,
+    )
+    manifest["outputs"] = {"adapter": "adapter", "logs": "logs"}
+    manifest["metrics"] = {
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "global_step": trainer.state.global_step,
+        "train_examples": len(data["train"]),
+        "eval_examples": len(data["eval"]) if "eval" in data else 0,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+    }
+    manifest["data_format"] = data_kind
+    manifest["resumed_from"] = resume_from.name if resume_from else None
+    manifest["distributed"] = {"world_size": training_args.world_size, "steps_per_rank": steps_per_rank}
+    manifest["finished"] = now_iso()
+    write_model_card(adapter, manifest)
+    if not data_args.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    final = output.publish(manifest, keep=["adapter"])
+    logger.info("train loss %.4f%s; adapter: %s", result.training_loss,
+                f", eval loss {eval_metrics['eval_loss']:.4f}" if eval_metrics else "", final / "adapter")
+    return final
+
+
+def _read_history(partial: Path) -> list[dict]:
+    import json
+
+    path = partial / "logs" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _truncate_history(partial: Path, step: int) -> None:
+    """Drop log records written after the checkpoint we resume from; they will be logged again."""
+    import json
+
+    path = partial / "logs" / "metrics.jsonl"
+    kept = [r for r in _read_history(partial) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _route_tensorboard(trainer, log_dir: Path) -> None:
+    """Send TensorBoard events to logs/tensorboard instead of a run folder inside checkpoints/."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in list(trainer.callback_handler.callbacks):
+        if isinstance(callback, TensorBoardCallback):
+            trainer.remove_callback(callback)
+            replacement = TensorBoardCallback()
+            replacement.logging_dir = str(log_dir)
+            trainer.add_callback(replacement)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(STAGE, main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

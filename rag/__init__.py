@@ -1,0 +1,1 @@
+"""rag: evaluate how base and aligned models use retrieved passages."""
