@@ -464,6 +464,9 @@ def parse_config(stage: str, dataclass_types: tuple, argv: list[str] | None):
         raise
     except ValueError as exc:
         message = str(exc).splitlines()[0]
+        if message.startswith("Some specified arguments are not used"):
+            flags = [f for f in re.findall(r"'(--[^']+)'", message)]
+            raise StageError(stage, f"unknown option(s): {', '.join(flags)} — see `align {stage} --help`") from None
         if message.startswith("Unknown arguments from config file"):
             keys = re.findall(r"'--([^']+)'", message)
             raise StageError(

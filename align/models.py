@@ -272,9 +272,23 @@ def lora_config(model_args):
     return get_peft_config(model_args)
 
 
-def default_precision() -> dict:
-    """CPU-safe precision: bf16 only on a GPU that supports it, never fp16 by default."""
+def device_defaults() -> dict:
+    """CPU-safe TrainingArguments defaults: bf16 only on a GPU that supports it (never fp16 by default),
+    and `use_cpu` for a multi-process run on a machine without an accelerator, so that accelerate sets
+    up CPU DDP (gloo) instead of silently running each process on its own."""
     import torch
 
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return {"bf16": bool(bf16), "fp16": False}
+    has_cuda = torch.cuda.is_available()
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return {
+        "bf16": bool(has_cuda and torch.cuda.is_bf16_supported()),
+        "use_cpu": bool(multi_process and not has_cuda and not _has_other_accelerator()),
+    }
+
+
+def _has_other_accelerator() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool((mps and mps.is_available()) or (xpu and xpu.is_available()))

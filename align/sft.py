@@ -13,6 +13,7 @@ eval loss, config, input fingerprints) and `logs/` (metrics.jsonl, TensorBoard).
     align sft --config configs/sft.yaml                           # SmolLM2-135M-Instruct on CPU
     python -m align.sft --config configs/sft.yaml --learning_rate 1e-4
     accelerate launch --config_file configs/accelerate/ddp.yaml -m align.sft --config configs/sft.yaml
+    torchrun --nproc_per_node 2 -m align.sft --config configs/tiny/sft.yaml      # CPU DDP (gloo)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from align.common import (
     validate_columns,
 )
 from align.hub import write_model_card
-from align.models import DEFAULT_MODEL, default_precision, load_causal_lm, load_tokenizer, lora_config, resolve_model
+from align.models import DEFAULT_MODEL, device_defaults, load_causal_lm, load_tokenizer, lora_config, resolve_model
 
 STAGE = "sft"
 logger = logging.getLogger("align")
@@ -112,13 +113,18 @@ class SFTStageConfig(SFTConfig):
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (for resuming)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     logging_steps: float = field(default=5, metadata={"help": "Log metrics every N optimizer steps."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP: look for unused parameters each step (not needed with LoRA)."}
+    )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Integrations to log to ('tensorboard', 'wandb', 'none', ...)."}
     )
 
     def __post_init__(self):
+        defaults = device_defaults()
         if self.bf16 is None:  # TRL would default to bf16 even on a CPU, where it is slow
-            self.bf16 = default_precision()["bf16"]
+            self.bf16 = defaults["bf16"]
+        self.use_cpu = self.use_cpu or defaults["use_cpu"]
         super().__post_init__()
 
 
@@ -173,6 +179,9 @@ def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int) -> tuple[
     if train_split not in data:
         raise StageError(STAGE, f"split '{train_split}' not found in {args.dataset_name} (found: "
                          f"{', '.join(data) or 'none'}) — set --dataset_train_split")
+    if len(data[train_split]) == 0:
+        raise StageError(STAGE, f"split '{train_split}' of {args.dataset_name} is empty — give the stage some "
+                         "training rows")
     columns = data[train_split].column_names
     if "messages" in columns:
         schema, kind = {"messages": "messages"}, "messages"
