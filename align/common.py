@@ -292,14 +292,21 @@ def fingerprint(source: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------- outputs
 
 
+def is_secret_key(key: str) -> bool:
+    """Keys that hold credentials (hub_token, token, *_api_key, *password*, *secret*), not e.g. pad_token."""
+    key = key.lower()
+    return (
+        key in {"token", "hub_token", "hf_token", "use_auth_token", "auth_token", "api_key"}
+        or key.endswith(("_api_key", "_auth_token"))
+        or "password" in key
+        or "secret" in key
+    )
+
+
 def strip_secrets(config: Any) -> Any:
-    """Drop every key that could hold a credential (``*token*``, ``*password*``, ``*secret*``)."""
+    """Drop every key that could hold a credential (see `is_secret_key`), at any depth."""
     if isinstance(config, dict):
-        return {
-            k: strip_secrets(v)
-            for k, v in config.items()
-            if not any(s in str(k).lower() for s in ("token", "password", "secret"))
-        }
+        return {k: strip_secrets(v) for k, v in config.items() if not is_secret_key(str(k))}
     if isinstance(config, (list, tuple)):
         return [strip_secrets(v) for v in config]
     if isinstance(config, (str, int, float, bool)) or config is None:
@@ -416,7 +423,11 @@ def save_dataset_atomic(data: DatasetDict, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    data.save_to_disk(str(tmp))
+    try:
+        data.save_to_disk(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 

@@ -87,7 +87,11 @@ def _build_cached(name: str, build) -> Path:
             return target
         tmp = target.with_name(f"{name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         (tmp / ".complete").write_text(CACHE_FORMAT)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)

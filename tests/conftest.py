@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny offline model, the team's seed data, the public data in ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DEMONSTRATIONS = ROOT / "data" / "seed" / "demonstrations.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """A 2-layer Llama with a byte-level tokenizer, built offline (cached after the first build)."""
+    from align.models import TINY_MODEL, resolve_model
+
+    return resolve_model(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"public data not found at {SHARED_DATA} (present in CI, absent in a fresh clone)")
+    return SHARED_DATA
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def run_align(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the `align` command in a fresh interpreter, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", *map(str, args)],
+        cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
