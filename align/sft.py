@@ -113,6 +113,7 @@ class SFTStageConfig(SFTConfig):
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (for resuming)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     logging_steps: float = field(default=5, metadata={"help": "Log metrics every N optimizer steps."})
+    disable_tqdm: bool | None = field(default=False, metadata={"help": "Hide the training progress bar."})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP: look for unused parameters each step (not needed with LoRA)."}
     )
@@ -126,6 +127,9 @@ class SFTStageConfig(SFTConfig):
             self.bf16 = defaults["bf16"]
         self.use_cpu = self.use_cpu or defaults["use_cpu"]
         super().__post_init__()
+
+
+CONFIG_CLASSES = (SFTDataArguments, SFTStageConfig, SFTModelConfig)
 
 
 class MetricsCallback(TrainerCallback):
@@ -213,9 +217,7 @@ def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int) -> tuple[
 def main(argv: list[str] | None = None) -> Path:
     from trl import SFTTrainer
 
-    data_args, training_args, model_args = parse_config(
-        STAGE, (SFTDataArguments, SFTStageConfig, SFTModelConfig), argv
-    )
+    data_args, training_args, model_args = parse_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
     config = {
         "data": dataclasses.asdict(data_args),
@@ -267,6 +269,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         logger.info("training %s on %d examples (%s) -> %s", model_args.model_name_or_path, len(data["train"]),
                     data_kind, output.output_dir)
+    baseline = _baseline_eval_loss(trainer, partial, is_main) if "eval" in data else None
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     eval_metrics = trainer.evaluate() if "eval" in data else {}
     steps_per_rank = metrics_callback.steps_per_rank()
@@ -289,6 +292,7 @@ def main(argv: list[str] | None = None) -> Path:
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
+        "eval_loss_before": baseline,
         "eval_loss": eval_metrics.get("eval_loss"),
         "global_step": trainer.state.global_step,
         "train_examples": len(data["train"]),
@@ -304,8 +308,25 @@ def main(argv: list[str] | None = None) -> Path:
         shutil.rmtree(checkpoints, ignore_errors=True)
     final = output.publish(manifest, keep=["adapter"])
     logger.info("train loss %.4f%s; adapter: %s", result.training_loss,
-                f", eval loss {eval_metrics['eval_loss']:.4f}" if eval_metrics else "", final / "adapter")
+                f"; eval loss {baseline:.4f} -> {eval_metrics['eval_loss']:.4f}" if eval_metrics else "",
+                final / "adapter")
     return final
+
+
+def _baseline_eval_loss(trainer, partial: Path, is_main: bool) -> float:
+    """Eval loss of the untouched base model (a fresh LoRA adapter is the identity), measured once per
+    run and kept in the partial directory so a resumed run reports the same number."""
+    import json
+
+    path = partial / "logs" / "baseline.json"
+    measured = path.exists()
+    trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 can write the file
+    if measured:
+        return json.loads(path.read_text())["eval_loss"]
+    loss = trainer.evaluate(metric_key_prefix="baseline")["baseline_loss"]
+    if is_main:
+        path.write_text(json.dumps({"eval_loss": loss}))
+    return loss
 
 
 def _read_history(partial: Path) -> list[dict]:

