@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import DatasetDict
-from transformers import TrainerCallback
 from trl import ModelConfig, SFTConfig
 
 from align.common import (
     StageError,
     StageOutput,
-    append_jsonl,
     base_manifest,
     load_stage_dataset,
     now_iso,
@@ -41,14 +37,15 @@ from align.common import (
     validate_columns,
 )
 from align.hub import write_model_card
-from align.models import DEFAULT_MODEL, device_defaults, load_causal_lm, load_tokenizer, lora_config, resolve_model
+from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, resolve_model
+from align.training import RunArguments, TrainingDefaults, TrainingRun, run_identity
 
 STAGE = "sft"
 logger = logging.getLogger("align")
 
 
 @dataclass
-class SFTDataArguments:
+class SFTDataArguments(RunArguments):
     dataset_name: str = field(
         default="data/seed/demonstrations.jsonl",
         metadata={"help": "Training data: a stage output directory, a save_to_disk directory, a JSON/JSONL/Parquet "
@@ -65,15 +62,6 @@ class SFTDataArguments:
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on at most this many rows (after the eval hold-out)."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace an existing finished output_dir (atomically, at the end)."}
-    )
-    restart: bool = field(
-        default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial instead of resuming it."}
-    )
-    keep_checkpoints: bool = field(
-        default=False, metadata={"help": "Keep checkpoints/ in the finished output (default: delete them)."}
     )
 
 
@@ -94,7 +82,7 @@ class SFTModelConfig(ModelConfig):
 
 
 @dataclass
-class SFTStageConfig(SFTConfig):
+class SFTStageConfig(TrainingDefaults, SFTConfig):
     """TRL's SFTConfig with CPU-friendly defaults for a LoRA run."""
 
     output_dir: str | None = field(default="runs/sft", metadata={"help": "Where the finished stage output goes."})
@@ -107,74 +95,9 @@ class SFTStageConfig(SFTConfig):
         metadata={"help": "For `messages` data: compute the loss on assistant turns only. (For prompt/completion "
                   "data the loss is on completions, see completion_only_loss.)"},
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in backward to save memory (slower)."}
-    )
-    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (for resuming)."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
-    logging_steps: float = field(default=5, metadata={"help": "Log metrics every N optimizer steps."})
-    disable_tqdm: bool | None = field(default=False, metadata={"help": "Hide the training progress bar."})
-    ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "DDP: look for unused parameters each step (not needed with LoRA)."}
-    )
-    report_to: None | str | list[str] = field(
-        default="tensorboard", metadata={"help": "Integrations to log to ('tensorboard', 'wandb', 'none', ...)."}
-    )
-
-    def __post_init__(self):
-        defaults = device_defaults()
-        if self.bf16 is None:  # TRL would default to bf16 even on a CPU, where it is slow
-            self.bf16 = defaults["bf16"]
-        self.use_cpu = self.use_cpu or defaults["use_cpu"]
-        super().__post_init__()
 
 
 CONFIG_CLASSES = (SFTDataArguments, SFTStageConfig, SFTModelConfig)
-
-
-class MetricsCallback(TrainerCallback):
-    """Appends every log (loss, learning rate, eval loss, ...) to logs/metrics.jsonl and counts the
-    optimizer steps each rank runs, so a distributed run can show that every rank took part."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.steps_this_run = 0
-        self.history: list[dict] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps_this_run += 1
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **(logs or {})}
-        self.history.append(record)
-        if state.is_world_process_zero:
-            append_jsonl(self.path, record)
-
-    def steps_per_rank(self) -> list[int]:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.steps_this_run)
-            return [int(x) for x in gathered]
-        return [self.steps_this_run]
-
-
-def latest_checkpoint(checkpoint_dir: Path, remove_incomplete: bool) -> Path | None:
-    """The newest checkpoint that finished writing (the trainer writes trainer_state.json last)."""
-    if not checkpoint_dir.is_dir():
-        return None
-    candidates = sorted(
-        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    complete = [p for p in candidates if (p / "trainer_state.json").exists()]
-    if remove_incomplete:
-        for path in candidates:
-            if path not in complete:
-                logger.info("removing incomplete checkpoint %s", path.name)
-                shutil.rmtree(path, ignore_errors=True)
-    return complete[-1] if complete else None
 
 
 def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int) -> tuple[DatasetDict, str]:
@@ -219,14 +142,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     data_args, training_args, model_args = parse_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
-    config = {
+    config = run_identity({
         "data": dataclasses.asdict(data_args),
         "model": dataclasses.asdict(model_args),
         "training": training_args.to_dict(),
-    }
-    # `restart`/`overwrite` only say what to do with existing directories; they do not change the run.
-    config["data"].pop("restart")
-    config["data"].pop("overwrite_output_dir")
+    })
     output = StageOutput(
         STAGE, Path(training_args.output_dir), config,
         overwrite=data_args.overwrite_output_dir, restart=data_args.restart,
@@ -243,46 +163,29 @@ def main(argv: list[str] | None = None) -> Path:
         raise StageError(STAGE, f"{model_args.model_name_or_path} has no chat template, so `messages` data cannot "
                          "be formatted — use a chat model or prompt/completion data")
 
-    is_main = training_args.process_index == 0
-    partial = output.open(is_main_process=is_main)
-    checkpoints = partial / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints, remove_incomplete=is_main)
-    training_args = dataclasses.replace(training_args, output_dir=str(checkpoints))
-
-    model = load_causal_lm(model_path, dtype=model_args.dtype, stage=STAGE)
-    metrics_callback = MetricsCallback(partial / "logs" / "metrics.jsonl")
+    run = TrainingRun.start(output, training_args)
     trainer = SFTTrainer(
-        model=model,
-        args=training_args,
+        model=load_causal_lm(model_path, dtype=model_args.dtype, stage=STAGE),
+        args=run.training_args,
         train_dataset=data["train"],
         eval_dataset=data.get("eval"),
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
-        callbacks=[metrics_callback],
+        callbacks=[run.metrics],
     )
-    _route_tensorboard(trainer, partial / "logs" / "tensorboard")
-
-    if resume_from is not None:
-        if is_main:
-            _truncate_history(partial, int(resume_from.name.split("-")[-1]))
-        logger.info("resuming from %s (step %s)", resume_from.name, resume_from.name.split("-")[-1])
-    else:
-        logger.info("training %s on %d examples (%s) -> %s", model_args.model_name_or_path, len(data["train"]),
-                    data_kind, output.output_dir)
-    baseline = _baseline_eval_loss(trainer, partial, is_main) if "eval" in data else None
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    run.attach(trainer)
+    baseline = _baseline_eval_loss(trainer, run.partial, run.is_main) if "eval" in data else None
+    result = run.train(trainer, f"training {model_args.model_name_or_path} on {len(data['train'])} examples "
+                                f"({data_kind})")
     eval_metrics = trainer.evaluate() if "eval" in data else {}
-    steps_per_rank = metrics_callback.steps_per_rank()
-    logger.info("rank %d/%d ran %d optimizer steps", training_args.process_index, training_args.world_size,
-                metrics_callback.steps_this_run)
-    trainer.accelerator.wait_for_everyone()
-    if not is_main:
+    distributed = run.wait_for_ranks(trainer)
+    if not run.is_main:
         return output.output_dir
 
-    adapter = partial / "adapter"
+    adapter = run.partial / "adapter"
     trainer.model.save_pretrained(str(adapter))
     tokenizer.save_pretrained(str(adapter))
-    losses = [r["loss"] for r in _read_history(partial) if "loss" in r]
+    losses = run.logged("loss")
     manifest = base_manifest(
         STAGE, config, {"dataset": data_args.dataset_name},
         {"name_or_path": model_args.model_name_or_path, "resolved": model_path}, started,
@@ -300,13 +203,10 @@ def main(argv: list[str] | None = None) -> Path:
         "train_runtime_s": result.metrics.get("train_runtime"),
     }
     manifest["data_format"] = data_kind
-    manifest["resumed_from"] = resume_from.name if resume_from else None
-    manifest["distributed"] = {"world_size": training_args.world_size, "steps_per_rank": steps_per_rank}
+    manifest["distributed"] = distributed
     manifest["finished"] = now_iso()
     write_model_card(adapter, manifest)
-    if not data_args.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    final = output.publish(manifest, keep=["adapter"])
+    final = run.publish(manifest, keep=["adapter"], keep_checkpoints=data_args.keep_checkpoints)
     logger.info("train loss %.4f%s; adapter: %s", result.training_loss,
                 f"; eval loss {baseline:.4f} -> {eval_metrics['eval_loss']:.4f}" if eval_metrics else "",
                 final / "adapter")
@@ -327,34 +227,6 @@ def _baseline_eval_loss(trainer, partial: Path, is_main: bool) -> float:
     if is_main:
         path.write_text(json.dumps({"eval_loss": loss}))
     return loss
-
-
-def _read_history(partial: Path) -> list[dict]:
-    import json
-
-    path = partial / "logs" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _truncate_history(partial: Path, step: int) -> None:
-    """Drop log records written after the checkpoint we resume from; they will be logged again."""
-    import json
-
-    path = partial / "logs" / "metrics.jsonl"
-    kept = [r for r in _read_history(partial) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _route_tensorboard(trainer, log_dir: Path) -> None:
-    """Send TensorBoard events to logs/tensorboard instead of a run folder inside checkpoints/."""
-    from transformers.integrations import TensorBoardCallback
-
-    for callback in list(trainer.callback_handler.callbacks):
-        if isinstance(callback, TensorBoardCallback):
-            trainer.remove_callback(callback)
-            replacement = TensorBoardCallback()
-            replacement.logging_dir = str(log_dir)
-            trainer.add_callback(replacement)
 
 
 def cli(argv: list[str] | None = None) -> int:

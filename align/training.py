@@ -1,0 +1,195 @@
+"""What every training stage shares around a Hugging Face Trainer: CPU-safe defaults, the run's
+working directory with resumable checkpoints, metrics.jsonl + TensorBoard logs, and per-rank step counts.
+
+A training stage does:
+
+    run = TrainingRun.start(STAGE, output, training_args)     # after validating its inputs
+    trainer = SomeTrainer(..., args=run.training_args, callbacks=[run.metrics])
+    run.attach(trainer)
+    result = run.train(trainer)                                # resumes from the last complete checkpoint
+    ...                                                        # save adapter/ into run.partial, build manifest
+    run.publish(manifest, keep=["adapter"], keep_checkpoints=...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from align.common import StageOutput, append_jsonl
+from align.models import device_defaults
+
+logger = logging.getLogger("align")
+
+
+@dataclass
+class RunArguments:
+    """What to do with existing output and working directories (not part of the run's identity)."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an existing finished output_dir (atomically, at the end)."}
+    )
+    restart: bool = field(
+        default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial instead of resuming it."}
+    )
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep checkpoints/ in the finished output (default: delete them)."}
+    )
+
+
+def run_identity(config: dict) -> dict:
+    """The config minus the RunArguments fields, which say how to treat directories, not what to train."""
+    names = {f.name for f in dataclasses.fields(RunArguments)} - {"keep_checkpoints"}
+    return {group: {k: v for k, v in values.items() if k not in names} if isinstance(values, dict) else values
+            for group, values in config.items()}
+
+
+@dataclass
+class TrainingDefaults:
+    """Defaults shared by our TRL/transformers training configs (mixed in before the TRL class)."""
+
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory (slower)."}
+    )
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (for resuming)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    logging_steps: float = field(default=5, metadata={"help": "Log metrics every N optimizer steps."})
+    disable_tqdm: bool | None = field(default=False, metadata={"help": "Hide the training progress bar."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP: look for unused parameters each step (not needed with LoRA)."}
+    )
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Integrations to log to ('tensorboard', 'wandb', 'none', ...)."}
+    )
+
+    def __post_init__(self):
+        defaults = device_defaults()
+        if self.bf16 is None:  # TRL would default to bf16 even on a CPU, where it is slow
+            self.bf16 = defaults["bf16"]
+        self.use_cpu = self.use_cpu or defaults["use_cpu"]
+        super().__post_init__()
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log (loss, learning rate, eval metrics, ...) to logs/metrics.jsonl and counts the
+    optimizer steps each rank runs, so a distributed run can show that every rank took part."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.steps_this_run = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps_this_run += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
+                                     **(logs or {})})
+
+    def steps_per_rank(self) -> list[int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.steps_this_run)
+            return [int(x) for x in gathered]
+        return [self.steps_this_run]
+
+    def history(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+def latest_checkpoint(checkpoint_dir: Path, remove_incomplete: bool) -> Path | None:
+    """The newest checkpoint that finished writing (the trainer writes trainer_state.json last)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    complete = [p for p in candidates if (p / "trainer_state.json").exists()]
+    if remove_incomplete:
+        for path in candidates:
+            if path not in complete:
+                logger.info("removing incomplete checkpoint %s", path.name)
+                shutil.rmtree(path, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+@dataclass
+class TrainingRun:
+    """One training stage run inside ``<output_dir>.partial/``."""
+
+    output: StageOutput
+    training_args: object
+    is_main: bool
+    resume_from: Path | None
+    metrics: MetricsCallback
+
+    @property
+    def partial(self) -> Path:
+        return self.output.partial
+
+    @classmethod
+    def start(cls, output: StageOutput, training_args) -> TrainingRun:
+        """Open the working directory and find the checkpoint to resume from (call after validation)."""
+        is_main = training_args.process_index == 0
+        partial = output.open(is_main_process=is_main)
+        checkpoints = partial / "checkpoints"
+        resume_from = latest_checkpoint(checkpoints, remove_incomplete=is_main)
+        metrics = MetricsCallback(partial / "logs" / "metrics.jsonl")
+        if resume_from is not None and is_main:
+            _truncate_history(metrics.path, int(resume_from.name.split("-")[-1]))
+        training_args = dataclasses.replace(training_args, output_dir=str(checkpoints))
+        return cls(output, training_args, is_main, resume_from, metrics)
+
+    def attach(self, trainer) -> None:
+        """Send TensorBoard events to logs/tensorboard instead of a run folder inside checkpoints/."""
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in list(trainer.callback_handler.callbacks):
+            if isinstance(callback, TensorBoardCallback):
+                trainer.remove_callback(callback)
+                replacement = TensorBoardCallback()
+                replacement.logging_dir = str(self.partial / "logs" / "tensorboard")
+                trainer.add_callback(replacement)
+
+    def train(self, trainer, description: str):
+        if self.resume_from is not None:
+            logger.info("resuming from %s (step %s)", self.resume_from.name, self.resume_from.name.split("-")[-1])
+        else:
+            logger.info("%s -> %s", description, self.output.output_dir)
+        return trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+
+    def wait_for_ranks(self, trainer) -> dict:
+        """Log this rank's step count, gather all ranks', and wait for everyone. Returns the manifest entry."""
+        steps = self.metrics.steps_per_rank()
+        args = self.training_args
+        logger.info("rank %d/%d ran %d optimizer steps", args.process_index, args.world_size,
+                    self.metrics.steps_this_run)
+        trainer.accelerator.wait_for_everyone()
+        return {"world_size": args.world_size, "steps_per_rank": steps}
+
+    def logged(self, key: str) -> list[float]:
+        return [record[key] for record in self.metrics.history() if key in record]
+
+    def publish(self, manifest: dict, keep: list[str], keep_checkpoints: bool) -> Path:
+        manifest["resumed_from"] = self.resume_from.name if self.resume_from else None
+        if not keep_checkpoints:
+            shutil.rmtree(self.partial / "checkpoints", ignore_errors=True)
+        return self.output.publish(manifest, keep=keep)
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    """Drop log records written after the checkpoint we resume from; they will be logged again."""
+    if not path.exists():
+        return
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept if r.get("step", 0) <= step))
