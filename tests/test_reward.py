@@ -1,0 +1,201 @@
+"""The reward stage: the K-wise loss by hand, pair expansion, the collator, learning, and its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from align import reward
+from align.common import StageError, read_manifest
+from tests.conftest import write_jsonl
+
+TINY = ["--model_name_or_path", "tiny-llama", "--report_to", "none", "--seed", "0"]
+
+
+def test_ranking_pairs_skip_ties_and_count_k_choose_2():
+    """Pairs run from better to worse; ties give none; a strict ranking of K gives C(K, 2) pairs."""
+    assert reward.ranking_pairs([1, 0, 1]) == [(1, 0), (1, 2)]
+    assert reward.ranking_pairs([0, 1]) == [(0, 1)]
+    assert reward.ranking_pairs([0, 0]) == []
+    for k in range(2, 10):
+        ranks = list(range(k))
+        random.Random(k).shuffle(ranks)
+        assert len(reward.ranking_pairs(ranks)) == math.comb(k, 2)
+
+
+def test_kwise_loss_equals_hand_computed_value_with_a_tie():
+    """K = 3, ranks [0, 1, 1] (a tie), rewards [2, 1, 0]: pairs (0,1), (0,2); the loss is
+    (-log s(1) - log s(2)) / 2 = (0.313262 + 0.126928) / 2 = 0.220095."""
+    rewards = torch.tensor([2.0, 1.0, 0.0])
+    pairs = reward.ranking_pairs([0, 1, 1])
+    better = torch.tensor([p[0] for p in pairs])
+    worse = torch.tensor([p[1] for p in pairs])
+    loss = reward.kwise_loss(rewards, better, worse, torch.zeros(2, dtype=torch.long), num_prompts=1)
+    assert loss.item() == pytest.approx(0.220095, abs=1e-6)
+
+
+def test_kwise_loss_averages_per_prompt_then_over_prompts():
+    """Prompt A has 3 pairs, prompt B one: each prompt weighs the same (InstructGPT's 1/C(K,2)), and a
+    margin shifts every difference."""
+    rewards = torch.tensor([1.0, 0.0, -1.0, 0.5, 0.0])  # A: responses 0-2 ranked [0,1,2]; B: 3-4 ranked [0,1]
+    better = torch.tensor([0, 0, 1, 3])
+    worse = torch.tensor([1, 2, 2, 4])
+    prompt = torch.tensor([0, 0, 0, 1])
+    nll = lambda d: -math.log(1 / (1 + math.exp(-d)))  # noqa: E731
+    expected = ((nll(1) + nll(2) + nll(1)) / 3 + nll(0.5)) / 2
+    assert reward.kwise_loss(rewards, better, worse, prompt, 2).item() == pytest.approx(expected, abs=1e-6)
+    margins = torch.tensor([0.5, 1.0, 0.5, 0.5])
+    expected_margin = ((nll(0.5) + nll(1) + nll(0.5)) / 3 + nll(0.0)) / 2
+    got = reward.kwise_loss(rewards, better, worse, prompt, 2, margins).item()
+    assert got == pytest.approx(expected_margin, abs=1e-6)
+
+
+def test_centering_penalty_matches_trl_for_pairs():
+    """For K = 2 the centering term equals TRL's mean((r_chosen + r_rejected)^2)."""
+    rewards = torch.tensor([1.0, 0.5, -2.0, 0.0])
+    prompts = torch.tensor([0, 0, 1, 1])
+    trl_value = ((1.0 + 0.5) ** 2 + (-2.0 + 0.0) ** 2) / 2
+    assert reward.centering_penalty(rewards, prompts, 2).item() == pytest.approx(trl_value)
+
+
+def test_collator_keeps_each_prompt_whole():
+    """Every response of every prompt is in the batch, pairs point inside their own prompt's block."""
+    rows = [
+        {"input_ids": [[1, 2, 3], [4], [5, 6]], "ranks": [2, 0, 1]},
+        {"input_ids": [[7, 8], [9]], "ranks": [0, 1]},
+    ]
+    batch = reward.RankingCollator(pad_token_id=0)(rows)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0], [7, 8, 0], [9, 0, 0]]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 1, 2, 2, 1]
+    assert batch["sequence_prompt"].tolist() == [0, 0, 0, 1, 1]
+    pairs = list(zip(batch["better"].tolist(), batch["worse"].tolist(), strict=True))
+    assert pairs == [(1, 0), (1, 2), (2, 0), (3, 4)]
+    assert batch["pair_prompt"].tolist() == [0, 0, 0, 1]
+    assert batch["num_prompts"] == 2
+
+
+def test_encode_response_cuts_the_prompt_from_the_left(tiny_model_path):
+    """Too long: the prompt loses its beginning, the response survives whole, and it is counted."""
+    from align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    prompt = [{"role": "user", "content": "x" * 300 + " THE END OF THE QUESTION"}]
+    ids, truncated = reward.encode_response(tokenizer, prompt, "the answer", max_length=64)
+    text = tokenizer.decode(ids)
+    assert truncated == "prompt" and len(ids) == 64
+    assert text.endswith("the answer<|im_end|>\n") and "THE END OF THE QUESTION" in text
+    ids, truncated = reward.encode_response(tokenizer, prompt, "y" * 100, max_length=64)
+    assert truncated == "response" and len(ids) == 64
+    ids, truncated = reward.encode_response(tokenizer, "short?", "ok", max_length=200)
+    assert truncated is None and tokenizer.decode(ids).endswith("ok<|im_end|>\n")
+
+
+def test_ranking_metrics_by_hand():
+    """Accuracy counts won pairs (ties in reward as half), by K too; margin is the mean difference."""
+    metrics = reward.ranking_metrics([[3.0, 1.0, 2.0], [0.0, 1.0]], [[0, 1, 2], [0, 1]])
+    # pairs: (0,1) won +2, (0,2) won +1, (1,2) lost -1, second prompt (0,1) lost -1
+    assert metrics["accuracy"] == pytest.approx(2 / 4)
+    assert metrics["accuracy_by_k"] == {"2": 0.0, "3": pytest.approx(2 / 3)}
+    assert metrics["mean_margin"] == pytest.approx((2 + 1 - 1 - 1) / 4)
+    assert reward.ranking_metrics([[1.0, 1.0]], [[0, 1]])["accuracy"] == 0.5
+
+
+TOPICS = ["the weather", "a recipe", "my garden", "a train ride", "the library", "a bicycle", "the ocean",
+          "a birthday", "the museum", "a quiet morning", "the city park", "an old friend"]
+
+
+def identifiable_comparisons(count: int, seed: int) -> list[dict]:
+    """Rows where quality is visible in the text: polite+helpful > neutral > rude shouting."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        topic = rng.choice(TOPICS)
+        responses = [
+            f"Thank you for asking about {topic}! Here is a helpful, friendly answer.",
+            f"About {topic}: ok.",
+            f"NO. {topic.upper()} IS STUPID!!! GO AWAY!!!",
+        ]
+        order = list(range(3))
+        rng.shuffle(order)
+        rows.append({
+            "prompt": [{"role": "user", "content": f"Tell me about {topic} (#{index})."}],
+            "responses": [responses[i] for i in order],
+            "ranks": [i for i in order],  # responses[i] has rank i
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reward")
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(
+        train=Dataset.from_list(identifiable_comparisons(48, seed=1)),
+        test=Dataset.from_list(identifiable_comparisons(16, seed=2)),
+    ).save_to_disk(str(root / "comparisons" / "dataset"))
+    return reward.main([*TINY, "--dataset_name", str(root / "comparisons"), "--output_dir", str(root / "rm"),
+                        "--num_train_epochs", "4", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+                        "--logging_steps", "4", "--max_length", "256"])
+
+
+def test_reward_model_learns_identifiable_rankings(trained):
+    """Held-out pairwise accuracy is well above chance (0.5) and above the untrained model's."""
+    metrics = read_manifest(trained)["metrics"]
+    assert metrics["eval_pairs"] == 16 * 3
+    assert metrics["eval_accuracy"] >= 0.85, metrics
+    assert metrics["eval_accuracy"] > metrics["eval_accuracy_before"] + 0.2
+    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    assert set(metrics["eval_accuracy_by_k"]) == {"3"}
+
+
+def test_outputs_and_reward_statistics(trained):
+    """adapter/ holds LoRA + score head; load_reward_model reproduces the manifest's reward statistics."""
+    manifest = read_manifest(trained)
+    assert manifest["stage"] == "reward" and manifest["metrics"]["train_prompts"] == 48
+    assert manifest["metrics"]["train_pairs"] == 48 * 3
+    assert manifest["metrics"]["truncated_prompts"] == 0
+    config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in (config["modules_to_save"] or [])
+    model, tokenizer, loaded = reward.load_reward_model(trained)
+    assert all(not p.requires_grad for p in model.parameters())
+    rows = identifiable_comparisons(48, seed=1)
+    from datasets import Dataset
+
+    encoded, _ = reward.tokenize_comparisons(Dataset.from_list(rows), tokenizer, 256)
+    scores = reward.score_rows(model, encoded, reward.RankingCollator(tokenizer.pad_token_id))
+    flat = [s for row in scores for s in row]
+    mean = sum(flat) / len(flat)
+    assert mean == pytest.approx(loaded["metrics"]["reward_mean"], abs=1e-3)
+    assert loaded["metrics"]["reward_std"] > 0
+
+
+def test_pairwise_rows_train_as_k2(tmp_path):
+    """prompt/chosen/rejected rows are accepted and counted as one pair each."""
+    rows = [{"prompt": f"Q{i}?", "chosen": "Thank you, here is help.", "rejected": "GO AWAY!!!"} for i in range(6)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = reward.main([*TINY, "--dataset_name", str(data), "--output_dir", str(tmp_path / "rm"), "--max_steps", "2",
+                       "--eval_fraction", "0", "--max_length", "64"])
+    metrics = read_manifest(out)["metrics"]
+    assert metrics["train_pairs"] == 6 and metrics["eval_prompts"] == 0
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "q", "responses": ["a"], "ranks": [0]}, "row 0"),
+        ({"prompt": "q", "responses": ["a", "b"], "ranks": [0, 2]}, "row 0"),
+        ({"prompt": "q", "responses": ["a", "b", "c"], "ranks": [0, 1]}, "row 0"),
+    ],
+)
+def test_invalid_rankings_are_refused(tmp_path, row, message):
+    """K < 2, ranks that are not a dense ranking, and a length mismatch each stop the stage, naming the row."""
+    data = write_jsonl(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(StageError, match=message):
+        reward.main([*TINY, "--dataset_name", str(data), "--output_dir", str(tmp_path / "rm")])
+    assert not (tmp_path / "rm").exists() and not (tmp_path / "rm.partial").exists()
