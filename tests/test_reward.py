@@ -199,3 +199,39 @@ def test_invalid_rankings_are_refused(tmp_path, row, message):
     with pytest.raises(StageError, match=message):
         reward.main([*TINY, "--dataset_name", str(data), "--output_dir", str(tmp_path / "rm")])
     assert not (tmp_path / "rm").exists() and not (tmp_path / "rm.partial").exists()
+
+
+@pytest.mark.slow
+def test_reward_resumes_after_sigkill(tmp_path):
+    """SIGKILL after the first checkpoint; the same command resumes from it and finishes all steps."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from datasets import Dataset, DatasetDict
+
+    from tests.conftest import ROOT, run_align
+
+    DatasetDict(train=Dataset.from_list(identifiable_comparisons(40, seed=3))).save_to_disk(str(tmp_path / "cmp"))
+    out = tmp_path / "rm"
+    args = ["reward", *TINY, "--dataset_name", str(tmp_path / "cmp"), "--output_dir", str(out), "--max_steps", "40",
+            "--per_device_train_batch_size", "2", "--save_steps", "4", "--max_length", "192", "--eval_fraction", "0"]
+    checkpoint = tmp_path / "rm.partial" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.time() + 120
+        while not checkpoint.exists():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not out.exists()
+    second = run_align(*args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from checkpoint-" in second.stderr
+    manifest = read_manifest(out)
+    assert manifest["resumed_from"].startswith("checkpoint-") and manifest["metrics"]["global_step"] == 40
