@@ -26,7 +26,6 @@ collator and loss; TRL's RewardConfig supplies the options.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import defaultdict
@@ -41,17 +40,15 @@ from trl import ModelConfig, RewardConfig
 
 from align.common import (
     StageError,
-    StageOutput,
     base_manifest,
     load_stage_dataset,
     now_iso,
-    parse_config,
     run_stage,
     validate_columns,
 )
 from align.hub import write_model_card
 from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, merge_adapter, resolve_model
-from align.training import RunArguments, TrainingDefaults, TrainingRun, run_identity
+from align.training import RunArguments, TrainingDefaults, TrainingRun, hold_out, parse_training_config
 
 STAGE = "reward"
 logger = logging.getLogger("align")
@@ -370,16 +367,8 @@ def to_comparisons(data: DatasetDict, args: RewardDataArguments, seed: int) -> D
             f"'chosen'+'rejected' columns (found: {', '.join(columns) or 'none'}) — produce comparisons with "
             "`align comparisons`",
         )
-    train = converted[train_split]
-    if args.dataset_test_split in converted:
-        result = DatasetDict(train=train, eval=converted[args.dataset_test_split])
-    elif args.eval_fraction > 0 and len(train) >= 10:
-        held_out = train.train_test_split(test_size=args.eval_fraction, seed=seed)
-        result = DatasetDict(train=held_out["train"], eval=held_out["test"])
-    else:
-        result = DatasetDict(train=train)
-    if args.max_train_samples is not None:
-        result["train"] = result["train"].select(range(min(args.max_train_samples, len(result["train"]))))
+    result = hold_out(converted[train_split], converted.get(args.dataset_test_split), args.eval_fraction,
+                      args.max_train_samples, seed)
     return result
 
 
@@ -442,15 +431,8 @@ def load_reward_model(output_dir: str | Path, dtype=None):
 def main(argv: list[str] | None = None) -> Path:
     from trl.trainer.utils import disable_dropout_in_model
 
-    data_args, training_args, model_args = parse_config(STAGE, CONFIG_CLASSES, argv)
+    data_args, training_args, model_args, config, output = parse_training_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
-    config = run_identity({
-        "data": dataclasses.asdict(data_args),
-        "model": dataclasses.asdict(model_args),
-        "training": training_args.to_dict(),
-    })
-    output = StageOutput(STAGE, Path(training_args.output_dir), config,
-                         overwrite=data_args.overwrite_output_dir, restart=data_args.restart)
 
     # Validate everything before writing anything.
     output.check()

@@ -18,7 +18,6 @@ eval loss, config, input fingerprints) and `logs/` (metrics.jsonl, TensorBoard).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +27,15 @@ from trl import ModelConfig, SFTConfig
 
 from align.common import (
     StageError,
-    StageOutput,
     base_manifest,
     load_stage_dataset,
     now_iso,
-    parse_config,
     run_stage,
     validate_columns,
 )
 from align.hub import write_model_card
 from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, resolve_model
-from align.training import RunArguments, TrainingDefaults, TrainingRun, run_identity
+from align.training import RunArguments, TrainingDefaults, TrainingRun, hold_out, parse_training_config
 
 STAGE = "sft"
 logger = logging.getLogger("align")
@@ -124,33 +121,17 @@ def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int) -> tuple[
     splits = [train_split] + ([args.dataset_test_split] if args.dataset_test_split in data else [])
     validate_columns(data, STAGE, schema, splits=splits)
     keep = list(schema)
-    train = data[train_split].select_columns(keep)
-    if args.dataset_test_split in data:
-        prepared = DatasetDict(train=train, eval=data[args.dataset_test_split].select_columns(keep))
-    elif args.eval_fraction > 0 and len(train) >= 10:
-        held_out = train.train_test_split(test_size=args.eval_fraction, seed=seed)
-        prepared = DatasetDict(train=held_out["train"], eval=held_out["test"])
-    else:
-        prepared = DatasetDict(train=train)
-    if args.max_train_samples is not None:
-        prepared["train"] = prepared["train"].select(range(min(args.max_train_samples, len(prepared["train"]))))
+    test = data[args.dataset_test_split].select_columns(keep) if args.dataset_test_split in data else None
+    prepared = hold_out(data[train_split].select_columns(keep), test, args.eval_fraction, args.max_train_samples,
+                        seed)
     return prepared, kind
 
 
 def main(argv: list[str] | None = None) -> Path:
     from trl import SFTTrainer
 
-    data_args, training_args, model_args = parse_config(STAGE, CONFIG_CLASSES, argv)
+    data_args, training_args, model_args, config, output = parse_training_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
-    config = run_identity({
-        "data": dataclasses.asdict(data_args),
-        "model": dataclasses.asdict(model_args),
-        "training": training_args.to_dict(),
-    })
-    output = StageOutput(
-        STAGE, Path(training_args.output_dir), config,
-        overwrite=data_args.overwrite_output_dir, restart=data_args.restart,
-    )
 
     # Validate everything before writing anything.
     output.check()

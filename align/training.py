@@ -193,3 +193,39 @@ def _truncate_history(path: Path, step: int) -> None:
         return
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept if r.get("step", 0) <= step))
+
+
+def parse_training_config(stage: str, config_classes: tuple, argv: list[str] | None):
+    """Parse (data args, training args, model args) and set up the stage's output (nothing written yet).
+
+    Returns (data_args, training_args, model_args, config, output); `config` is what the manifest
+    records and what a resumed run must match.
+    """
+    from align.common import parse_config
+
+    data_args, training_args, model_args = parse_config(stage, config_classes, argv)
+    config = run_identity({
+        "data": dataclasses.asdict(data_args),
+        "model": dataclasses.asdict(model_args),
+        "training": training_args.to_dict(),
+    })
+    output = StageOutput(stage, Path(training_args.output_dir), config,
+                         overwrite=data_args.overwrite_output_dir, restart=data_args.restart)
+    return data_args, training_args, model_args, config, output
+
+
+def hold_out(train, test, eval_fraction: float, max_train_samples: int | None, seed: int):
+    """{train, eval?}: the given test split, else a seeded `eval_fraction` of train (when it has at least
+    10 rows), else no evaluation; then cap the training rows."""
+    from datasets import DatasetDict
+
+    if test is not None:
+        result = DatasetDict(train=train, eval=test)
+    elif eval_fraction > 0 and len(train) >= 10:
+        held_out = train.train_test_split(test_size=eval_fraction, seed=seed)
+        result = DatasetDict(train=held_out["train"], eval=held_out["test"])
+    else:
+        result = DatasetDict(train=train)
+    if max_train_samples is not None:
+        result["train"] = result["train"].select(range(min(max_train_samples, len(result["train"]))))
+    return result
