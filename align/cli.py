@@ -13,6 +13,8 @@ import sys
 # stage -> (module, one-line summary); a stage is listed once it exists.
 STAGES = {
     "sft": ("align.sft", "supervised fine-tuning with LoRA on chat or prompt/completion data"),
+    "comparisons": ("align.comparisons", "K ranked responses per prompt: OASST, HH-RLHF, sampled policy, human sheets"),
+    "reward": ("align.reward", "reward model trained on K-wise rankings (or chosen/rejected pairs)"),
 }
 
 

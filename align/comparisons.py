@@ -1,0 +1,587 @@
+"""Comparisons: K responses per prompt ranked best to worst, the data a reward model learns from.
+
+Reads one of four sources (`--source`):
+
+- `oasst`: OpenAssistant message trees (one JSON tree per line). Every group of >= 2 ranked sibling
+  assistant replies becomes a row: the conversation from the root to their parent is the prompt, the
+  replies ordered by their human rank are the responses. Synthetic and deleted messages are dropped and
+  never descended into; the remaining ranks are re-densified (0, 2, 3 -> 0, 1, 2).
+- `hh-rlhf`: Anthropic HH pairs `{"chosen", "rejected"}` (whole "\\n\\nHuman: ...\\n\\nAssistant: ..."
+  transcripts). The shared prefix up to the last "\\n\\nAssistant:" is the prompt, the two final replies
+  are the responses (chosen first, ranks [0, 1]); pairs with identical replies are skipped and counted.
+- `sample`: for each prompt of a dataset, sample K responses from a policy (`--model_name_or_path`,
+  optionally `--adapter` = an SFT output) and rank them. The prompt is a `prompt` column (text or chat;
+  the reference answer is then `--reference_column`, default `output`) or a `messages` column (the turns
+  before the last assistant reply are the prompt, that reply is the reference). `--ranker reference`
+  ranks by embedding cosine similarity to the reference, degenerate responses (empty, a word 3-gram
+  repeated >= 4 times, cut off at max_new_tokens) below all others; a prompt whose responses all tie is
+  skipped. Finished prompts are journaled to `<output_dir>.partial/journal.jsonl`: re-running the same
+  command after a crash or kill resumes without losing or repeating a prompt. `--ranker human` writes
+  a ranking sheet (below) instead of a dataset.
+- `sheet`: a ranking sheet filled in by people; `--export_sheet` writes one to fill.
+
+Ranking sheets (JSONL or CSV, picked by the file suffix) have one row per prompt: `id`, `prompt` (the
+conversation as text), `response_1` ... `response_K` (shuffled with `--seed`, so position says nothing),
+an empty `ranks` field, then `num_responses` and `prompt_messages` (machine-readable; leave them). Fill
+`ranks` with one integer per response in response order, 0 = best, equal numbers = a tie, no gaps:
+"1 0 2" means response_2 is best, then response_1, then response_3. Importing checks every row and
+names each bad one (rows counted from 1, header excluded).
+
+Writes `<output_dir>/dataset/` with split `train` (and `test` = the last `--test_records` source
+records: trees, pairs, prompts or sheet rows) and columns `prompt` (chat messages ending with a user
+turn), `responses` (K >= 2 strings, best first), `ranks` (0 = best, dense, ties equal), `ranker`
+("human" | "reference"), `source` ("oasst" | "hh-rlhf" | "sampled" | "sheet"), `source_id`; and
+`manifest.json` with the counts. Nothing is written when the input or config is bad.
+
+    align comparisons --config configs/comparisons.yaml            # OASST human rankings, 64 train / 16 test trees
+    align comparisons --config configs/tiny/comparisons.yaml       # sample + rank with the tiny model, seconds
+    align comparisons --source hh-rlhf --input_path ../shared/data/hh_rlhf/harmless-base-test-1200.jsonl.gz \\
+        --output_dir runs/hh --test_records 200
+    align comparisons --source sample --input_path data/seed/demonstrations.jsonl --adapter runs/sft \\
+        --num_responses 4 --output_dir runs/sampled
+    align comparisons --source sample --ranker human --input_path prompts.jsonl --output_dir runs/to_rank
+    align comparisons --source sheet --input_path runs/to_rank/sheet.jsonl --output_dir runs/human   # filled
+    align comparisons --source sheet --input_path runs/comparisons --export_sheet to_rank.csv
+    python -m align.comparisons --config configs/comparisons.yaml
+
+Sampling runs in one process, on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from datasets import Dataset, DatasetDict
+
+from align.common import (
+    StageError,
+    StageOutput,
+    base_manifest,
+    load_stage_dataset,
+    now_iso,
+    parse_config,
+    run_stage,
+    save_dataset_atomic,
+    validate_columns,
+)
+from align.models import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
+
+STAGE = "comparisons"
+SOURCES = ("oasst", "hh-rlhf", "sample", "sheet")
+RANKERS = ("reference", "human")
+logger = logging.getLogger("align")
+
+
+@dataclass
+class ComparisonsArguments:
+    source: str = field(
+        default="oasst",
+        metadata={"help": "Where comparisons come from: 'oasst' (OASST message trees), 'hh-rlhf' (chosen/rejected "
+                  "transcripts), 'sample' (sample K responses per prompt from a policy and rank them), 'sheet' "
+                  "(import a filled ranking sheet, or write one with --export_sheet)."},
+    )
+    input_path: str | None = field(
+        default=None,
+        metadata={"help": "The input: a JSONL(.gz) file for oasst/hh-rlhf, a .jsonl/.csv sheet to import, or a "
+                  "dataset (stage output, save_to_disk directory, data file, hub name) of prompts for sample "
+                  "and of prompt+responses for --export_sheet."},
+    )
+    input_split: str | None = field(
+        default=None, metadata={"help": "For a dataset input: use only this split (default: every split, in order)."}
+    )
+    output_dir: str = field(default="runs/comparisons", metadata={"help": "Where the finished stage output goes."})
+    export_sheet: str | None = field(
+        default=None,
+        metadata={"help": "Write a ranking sheet for people to fill (PATH.jsonl or PATH.csv) instead of a dataset: "
+                  "with --source sheet from the dataset at --input_path; with --source sample from the sampled "
+                  "responses (--ranker human; default <output_dir>/sheet.jsonl)."},
+    )
+    source_start: int = field(default=0, metadata={"help": "Skip the first N source records (trees, pairs, "
+                                                           "prompts or sheet rows)."})
+    source_limit: int | None = field(
+        default=None, metadata={"help": "Use at most N source records after the skip (default: all)."}
+    )
+    test_records: int = field(
+        default=0, metadata={"help": "Put the rows of the LAST N selected source records in a `test` split."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an existing finished output_dir (or export_sheet file)."}
+    )
+    restart: bool = field(
+        default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial instead of resuming it."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for sampling and for shuffling responses in a sheet."})
+
+
+@dataclass
+class SamplingArguments:
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": f"sample: the policy: '{DEFAULT_MODEL}' (embedded), 'tiny-llama', a local model directory "
+                  "or a hub id."},
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "sample: a LoRA adapter on top of the policy (an `align sft` output dir)."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "sample: weights dtype ('auto', 'float32', 'bfloat16')."})
+    num_responses: int = field(default=4, metadata={"help": "sample: responses per prompt (K >= 2)."})
+    temperature: float = field(default=1.0, metadata={"help": "sample: sampling temperature (> 0)."})
+    top_p: float = field(default=0.95, metadata={"help": "sample: nucleus sampling probability mass (0 < p <= 1)."})
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "sample: longest response; one that hits it without ending is degenerate."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "sample: prompts per generate call."})
+    ranker: str = field(
+        default="reference",
+        metadata={"help": "sample: 'reference' (embedding similarity to the reference answer) or 'human' (write a "
+                  "ranking sheet to fill)."},
+    )
+    reference_column: str = field(
+        default="output", metadata={"help": "sample: the reference-answer column used with a `prompt` column."}
+    )
+    embedding_model: str = field(
+        default=DEFAULT_EMBEDDING_MODEL,
+        metadata={"help": "sample: sentence-transformers model of the reference ranker (alias, directory or hub id)."},
+    )
+
+
+CONFIG_CLASSES = (ComparisonsArguments, SamplingArguments)
+
+
+# ----------------------------------------------------------------------------- the comparisons format
+
+
+def check_ranking(responses: Any, ranks: Any) -> str | None:
+    """Say what is wrong with one comparison's ranking, or None when it is valid.
+
+    Valid: K >= 2 string responses, one non-negative integer rank per response (0 = best), dense (the
+    values are exactly 0..max; ties share a value) and not all tied.
+    """
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        return "responses must be a list of strings"
+    if len(responses) < 2:
+        return f"needs at least 2 responses to compare, got {len(responses)}"
+    if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        return f"ranks must be a list of integers, got {ranks!r}"
+    if len(ranks) != len(responses):
+        return f"{len(ranks)} ranks for {len(responses)} responses — give exactly one rank per response"
+    if any(r < 0 for r in ranks):
+        return f"ranks must be >= 0 (0 = best), got {ranks}"
+    if set(ranks) != set(range(max(ranks) + 1)):
+        return f"ranks {ranks} skip a value — use every number from 0 to the worst rank (ties share a number)"
+    if max(ranks) == 0:
+        return f"all {len(ranks)} responses are tied — a comparison needs a preference"
+    return None
+
+
+def _prompt_problem(prompt: Any) -> str | None:
+    if isinstance(prompt, list) and prompt and prompt[-1].get("role") != "user":
+        return f"the prompt must end with a user turn, not '{prompt[-1].get('role')}'"
+    return None
+
+
+def validate_comparisons(data: DatasetDict, stage: str, max_problems: int = 5) -> None:
+    """Check every split has the comparisons columns and every row a valid ranking.
+
+    Raises:
+        StageError: naming the split and row index of the first `max_problems` bad rows.
+    """
+    validate_columns(data, stage, {"prompt": "str|messages", "responses": "list[str]", "ranks": "list[int]"})
+    problems: list[str] = []
+    bad = 0
+    for split in data:
+        rows = data[split]
+        columns = zip(rows["prompt"], rows["responses"], rows["ranks"], strict=True)
+        for index, (prompt, responses, ranks) in enumerate(columns):
+            problem = check_ranking(responses, ranks) or _prompt_problem(prompt)
+            if problem:
+                bad += 1
+                if len(problems) < max_problems:
+                    problems.append(f"split '{split}' row {index}: {problem}")
+    if problems:
+        more = f"; ... and {bad - len(problems)} more bad rows" if bad > len(problems) else ""
+        raise StageError(stage, f"invalid comparisons: {'; '.join(problems)}{more} — fix or drop these rows "
+                         "(ranks: one per response, 0 = best, dense, not all equal)")
+
+
+def dense_ranks(keys: Sequence) -> list[int]:
+    """Dense ranks of sortable keys: the smallest gets 0, equal keys share a rank, no gaps.
+
+    [0, 2, 3] -> [0, 1, 2]; [5, 1, 5] -> [1, 0, 1].
+    """
+    position = {key: rank for rank, key in enumerate(sorted(set(keys)))}
+    return [position[key] for key in keys]
+
+
+def order_by_rank(responses: list[str], ranks: list[int]) -> tuple[list[str], list[int]]:
+    """Responses and ranks sorted best first (stable: tied responses keep their order)."""
+    order = sorted(range(len(ranks)), key=lambda i: ranks[i])
+    return [responses[i] for i in order], [ranks[i] for i in order]
+
+
+def comparison_row(prompt: list[dict], responses: list[str], ranks: list[int], ranker: str, source: str,
+                   source_id: str) -> dict:
+    """One row of the canonical format, responses best first."""
+    responses, ranks = order_by_rank(responses, ranks)
+    prompt = [{"role": turn["role"], "content": turn["content"]} for turn in prompt]
+    return {"prompt": prompt, "responses": responses, "ranks": ranks, "ranker": ranker, "source": source,
+            "source_id": source_id}
+
+
+def comparisons_dataset(splits: dict[str, list[dict]]) -> DatasetDict:
+    from datasets import Features, List, Value
+
+    features = Features({
+        "prompt": List({"role": Value("string"), "content": Value("string")}),
+        "responses": List(Value("string")),
+        "ranks": List(Value("int64")),
+        "ranker": Value("string"),
+        "source": Value("string"),
+        "source_id": Value("string"),
+    })
+    return DatasetDict({
+        name: Dataset.from_dict({column: [row[column] for row in rows] for column in features}, features=features)
+        for name, rows in splits.items()
+    })
+
+
+# ----------------------------------------------------------------------------- sampling and the reference ranker
+
+
+class Generation(NamedTuple):
+    text: str
+    truncated: bool  # hit max_new_tokens without an end-of-sequence token
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+
+
+def generate_responses(model, tokenizer, prompts: list[list[dict]], num_return_sequences: int,
+                       settings: GenerationSettings) -> list[list[Generation]]:
+    """Sample `num_return_sequences` replies to each chat prompt with Hugging Face `generate` (left-padded batch).
+
+    The one place that generates, so a faster backend (vLLM) can replace it. Returns one list per prompt.
+    """
+    import torch
+
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow each prompt directly
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        output = model.generate(
+            **batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+            max_new_tokens=settings.max_new_tokens, num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [len(prompts) * K, prompt_len + new_len], the K samples of a prompt adjacent
+    eos = model.generation_config.eos_token_id
+    eos_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
+    results: list[Generation] = []
+    for ids in output[:, batch["input_ids"].shape[1]:].tolist():
+        end = next((i for i, token in enumerate(ids) if token in eos_ids), None)
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+        results.append(Generation(text, truncated=end is None and len(ids) >= settings.max_new_tokens))
+    return [results[i:i + num_return_sequences] for i in range(0, len(results), num_return_sequences)]
+
+
+def degenerate_reason(text: str, truncated: bool = False, ngram: int = 3, max_repeats: int = 4) -> str | None:
+    """Why a response is degenerate ('empty', 'loop', 'truncated'), or None.
+
+    A loop is a word `ngram` occurring `max_repeats` or more times; truncated = cut off at max_new_tokens.
+    """
+    words = text.split()
+    if not words:
+        return "empty"
+    counts = Counter(tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1))
+    if counts and max(counts.values()) >= max_repeats:
+        return "loop"
+    return "truncated" if truncated else None
+
+
+def rank_by_scores(scores: Sequence[float], degenerate: Sequence[bool]) -> list[int]:
+    """Dense ranks, 0 = highest score, every degenerate response below every sound one; ties only for exactly
+    equal (degenerate, score)."""
+    return dense_ranks([(bool(bad), -float(score)) for score, bad in zip(scores, degenerate, strict=True)])
+
+
+def rank_against_references(embedder, responses: list[list[Generation]], references: list[str]) -> list[list[int]]:
+    """Rank each prompt's responses by cosine similarity to its reference answer (`rank_by_scores`).
+
+    Each distinct text is embedded once, so identical responses get identical scores (a tie).
+    """
+    texts = list(dict.fromkeys([g.text for group in responses for g in group] + list(references)))
+    vectors = embedder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+    index = {text: i for i, text in enumerate(texts)}
+    ranks = []
+    for group, reference in zip(responses, references, strict=True):
+        scores = [float(vectors[index[g.text]] @ vectors[index[reference]]) for g in group]
+        ranks.append(rank_by_scores(scores, [degenerate_reason(g.text, g.truncated) is not None for g in group]))
+    return ranks
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def select_records(count: int, args: ComparisonsArguments) -> tuple[range, range]:
+    """Indices of the train and test records after source_start / source_limit / test_records."""
+    stop = count if args.source_limit is None else min(count, args.source_start + args.source_limit)
+    selected = range(min(args.source_start, count), stop)
+    if len(selected) <= args.test_records:
+        raise StageError(STAGE, f"{len(selected)} source records selected (of {count}; source_start "
+                         f"{args.source_start}, source_limit {args.source_limit}) but test_records is "
+                         f"{args.test_records} — leave some for train: lower --test_records or select more records")
+    cut = len(selected) - args.test_records
+    return selected[:cut], selected[cut:]
+
+
+def check_arguments(args: ComparisonsArguments, sampling: SamplingArguments) -> None:
+    """Report every invalid option at once."""
+    problems = []
+    if args.source not in SOURCES:
+        problems.append(f"--source {args.source!r} is not one of {', '.join(SOURCES)}")
+    if not args.input_path:
+        problems.append("--input_path is required")
+    if args.source_start < 0 or (args.source_limit is not None and args.source_limit < 1) or args.test_records < 0:
+        problems.append("--source_start and --test_records must be >= 0 and --source_limit >= 1")
+    if args.export_sheet and args.source not in ("sheet", "sample"):
+        problems.append("--export_sheet works with --source sheet or --source sample")
+    if args.export_sheet and not args.export_sheet.endswith((".jsonl", ".csv")):
+        problems.append(f"--export_sheet {args.export_sheet} must end in .jsonl or .csv")
+    if args.source == "sample":
+        if sampling.ranker not in RANKERS:
+            problems.append(f"--ranker {sampling.ranker!r} is not one of {', '.join(RANKERS)}")
+        if sampling.num_responses < 2:
+            problems.append("--num_responses must be >= 2 (a comparison needs two responses)")
+        if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1:
+            problems.append("--temperature must be > 0 and --top_p in (0, 1] (responses are sampled)")
+        if sampling.max_new_tokens < 1 or sampling.batch_size < 1:
+            problems.append("--max_new_tokens and --batch_size must be >= 1")
+    if problems:
+        raise StageError(STAGE, "; ".join(problems) + " — see `align comparisons --help`")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args, sampling = parse_config(STAGE, CONFIG_CLASSES, argv)
+    started = now_iso()
+    check_arguments(args, sampling)
+    if args.source == "sheet" and args.export_sheet:
+        return export_sheet(args)
+    config = {"data": dataclasses.asdict(args)}
+    if args.source == "sample":
+        config["sampling"] = dataclasses.asdict(sampling)
+    # `restart`/`overwrite` only say what to do with existing directories; they do not change the run.
+    config["data"].pop("restart")
+    config["data"].pop("overwrite_output_dir")
+    output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
+                         restart=args.restart)
+    output.check()
+    if args.source == "sample":
+        return run_sampling(args, sampling, output, config, started)
+    data, counts = import_comparisons(args)
+    return publish(output, output.open(), args, config, started, counts, base_model=None, data=data)
+
+
+def import_comparisons(args: ComparisonsArguments) -> tuple[DatasetDict, dict]:
+    """oasst / hh-rlhf / sheet: parse and check every selected record in memory (nothing is written)."""
+    from align import importers
+
+    path = Path(args.input_path)
+    records = importers.read_sheet(path, STAGE) if args.source == "sheet" else importers.read_jsonl(path, STAGE)
+    train, test = select_records(len(records), args)
+    convert = {"oasst": importers.oasst_comparisons, "hh-rlhf": importers.hh_comparison,
+               "sheet": importers.sheet_comparison}[args.source]
+    counts: Counter = Counter(records=len(train) + len(test))
+    if args.source == "hh-rlhf":
+        counts["skipped_identical"] = 0  # reported even when nothing was skipped
+    splits: dict[str, list[dict]] = {"train": [], **({"test": []} if test else {})}
+    problems: list[str] = []
+    for split, index in [*(("train", i) for i in train), *(("test", i) for i in test)]:
+        try:
+            splits[split].extend(convert(records[index], counts))
+        except importers.RecordError as exc:
+            problems.append(exc.message)
+            if len(problems) == (5 if args.source == "sheet" else 1):  # a sheet reports several rows at once
+                break
+    if problems:
+        raise StageError(STAGE, f"{path}: {'; '.join(problems)} — {importers.FIXES[args.source]}")
+    data = comparisons_dataset(splits)
+    validate_comparisons(data, STAGE)
+    return data, dict(counts)
+
+
+def run_sampling(args: ComparisonsArguments, sampling: SamplingArguments, output: StageOutput, config: dict,
+                 started: str) -> Path:
+    """sample: K responses per prompt from the policy, journaled as they finish, then ranked (or a sheet)."""
+    import torch
+    from transformers import set_seed
+
+    from align import importers
+    from align.models import adapter_dir, load_causal_lm, load_tokenizer, resolve_embedding_model, resolve_model
+
+    human = sampling.ranker == "human" or args.export_sheet is not None
+    records = importers.prompt_records(load_stage_dataset(args.input_path, STAGE), args.input_split,
+                                       sampling.reference_column, need_reference=not human, stage=STAGE)
+    train, test = select_records(len(records), args)
+    selected = [records[i] for i in (*train, *test)]
+    sheet = Path(args.export_sheet) if args.export_sheet else None
+    if sheet is not None and sheet.exists() and not args.overwrite_output_dir:
+        raise StageError(STAGE, f"{sheet} already exists — choose another --export_sheet or pass "
+                         "--overwrite_output_dir true")
+    model_path = resolve_model(sampling.model_name_or_path, STAGE)
+    tokenizer = load_tokenizer(model_path, STAGE)
+    if not tokenizer.chat_template:
+        raise StageError(STAGE, f"{sampling.model_name_or_path} has no chat template — use a chat (instruct) model")
+    if sampling.adapter and not (adapter_dir(sampling.adapter) / "adapter_config.json").exists():
+        raise StageError(STAGE, f"no adapter at {sampling.adapter} — pass an `align sft` output directory")
+    embedding_path = None if human else resolve_embedding_model(sampling.embedding_model, STAGE)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    partial = output.open()
+    journal = partial / "journal.jsonl"
+    done = read_journal(journal, len(selected))
+    pending = [position for position in range(len(selected)) if position not in done]
+    if done:
+        logger.info("resuming: %d of %d prompts already sampled (%s)", len(done), len(selected), journal)
+    if pending:
+        from tqdm import tqdm
+
+        model = load_causal_lm(model_path, dtype=sampling.dtype, adapter=sampling.adapter, stage=STAGE)
+        model.to(device).eval()
+        settings = GenerationSettings(sampling.temperature, sampling.top_p, sampling.max_new_tokens)
+        with open(journal, "a", encoding="utf-8") as handle, \
+                tqdm(total=len(selected), initial=len(done), desc="sampling", unit="prompt") as progress:
+            for start in range(0, len(pending), sampling.batch_size):
+                positions = pending[start:start + sampling.batch_size]
+                set_seed(args.seed + positions[0])  # the same batch samples the same responses on a re-run
+                groups = generate_responses(model, tokenizer, [selected[p]["prompt"] for p in positions],
+                                            sampling.num_responses, settings)
+                for position, group in zip(positions, groups, strict=True):
+                    done[position] = group
+                    handle.write(json.dumps({"position": position, "source_id": selected[position]["source_id"],
+                                             "responses": [g.text for g in group],
+                                             "truncated": [g.truncated for g in group]}) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                progress.update(len(positions))
+    groups = [done[position] for position in range(len(selected))]
+    counts: Counter = Counter(prompts=len(selected), resumed_prompts=len(selected) - len(pending),
+                              skipped_all_tied=0, degenerate_empty=0, degenerate_loop=0, degenerate_truncated=0)
+    counts.update(f"degenerate_{reason}" for group in groups for g in group
+                  if (reason := degenerate_reason(g.text, g.truncated)))
+    base_model = {"name_or_path": sampling.model_name_or_path, "resolved": model_path, "adapter": sampling.adapter}
+    inputs = {"input": args.input_path, **({"adapter": sampling.adapter} if sampling.adapter else {})}
+    if human:
+        rows = [{"id": record["source_id"], "prompt": record["prompt"], "responses": [g.text for g in group]}
+                for record, group in zip(selected, groups, strict=True)]
+        importers.write_sheet(rows, sheet or partial / "sheet.jsonl", args.seed)
+        final = publish(output, partial, args, config, started, counts, base_model, inputs, sheet=sheet)
+        _say_how_to_import(sheet or final / "sheet.jsonl", len(rows))
+        return final
+
+    from sentence_transformers import SentenceTransformer
+
+    embedder = SentenceTransformer(embedding_path, device=device)
+    ranks = rank_against_references(embedder, groups, [record["reference"] for record in selected])
+    splits: dict[str, list[dict]] = {"train": [], **({"test": []} if test else {})}
+    for position, (record, group, group_ranks) in enumerate(zip(selected, groups, ranks, strict=True)):
+        responses = [g.text for g in group]
+        if check_ranking(responses, group_ranks) is not None:  # every response tied: no preference to learn
+            counts["skipped_all_tied"] += 1
+            continue
+        split = "train" if position < len(train) else "test"
+        splits[split].append(comparison_row(record["prompt"], responses, group_ranks, "reference", "sampled",
+                                            record["source_id"]))
+    data = comparisons_dataset(splits)
+    validate_comparisons(data, STAGE)
+    return publish(output, partial, args, config, started, dict(counts), base_model, inputs, data=data)
+
+
+def read_journal(journal: Path, size: int) -> dict[int, list[Generation]]:
+    """Prompts finished by an earlier, interrupted run; a line torn by a kill is dropped (and sampled again)."""
+    if not journal.exists():
+        return {}
+    done: dict[int, list[Generation]] = {}
+    kept = []
+    for line in journal.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            position = int(record["position"])
+            group = [Generation(t, bool(c)) for t, c in zip(record["responses"], record["truncated"], strict=True)]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        if 0 <= position < size and position not in done:
+            done[position] = group
+            kept.append(line)
+    journal.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return done
+
+
+def publish(output: StageOutput, partial: Path, args: ComparisonsArguments, config: dict, started: str,
+            counts: dict, base_model: dict | None, inputs: dict | None = None, data: DatasetDict | None = None,
+            sheet: Path | None = None) -> Path:
+    """Write the manifest (with the counts) beside `dataset/` (saved here) or a sheet, and publish."""
+    manifest = base_manifest(STAGE, config, inputs or {"input": args.input_path}, base_model, started)
+    partial_journal = (partial / "journal.jsonl").exists()  # sample mode keeps its raw generations
+    if data is not None:
+        save_dataset_atomic(data, partial / "dataset")
+        manifest["outputs"] = {"dataset": "dataset", **({"journal": "journal.jsonl"} if partial_journal else {})}
+        responses = [len(r) for split in data.values() for r in split["responses"]]
+        counts = {"rows": {split: len(rows) for split, rows in data.items()},
+                  "responses_per_row": dict(sorted(Counter(responses).items())), **counts}
+    else:
+        manifest["outputs"] = {"sheet": "sheet.jsonl" if sheet is None else str(sheet), "journal": "journal.jsonl"}
+    manifest["metrics"] = dict(counts)
+    manifest["finished"] = now_iso()
+    final = output.publish(manifest, keep=["dataset"] if data is not None else ["sheet.jsonl"] if sheet is None else [])
+    if data is not None:
+        logger.info("%s comparisons (%s) -> %s", args.source,
+                    ", ".join(f"{split}: {len(rows)} rows" for split, rows in data.items()), final / "dataset")
+    return final
+
+
+def export_sheet(args: ComparisonsArguments) -> Path:
+    """`--source sheet --export_sheet PATH`: a ranking sheet from a dataset with `prompt` and `responses`."""
+    from align import importers
+
+    path = Path(args.export_sheet)
+    if path.exists() and not args.overwrite_output_dir:
+        raise StageError(STAGE, f"{path} already exists — choose another --export_sheet or pass "
+                         "--overwrite_output_dir true")
+    data = load_stage_dataset(args.input_path, STAGE)
+    splits = [args.input_split] if args.input_split else list(data)
+    validate_columns(data, STAGE, {"prompt": "str|messages", "responses": "list[str]"}, splits=splits)
+    records = [(split, index, row) for split in splits for index, row in enumerate(data[split])]
+    train, test = select_records(len(records), args)
+    selected = [records[i] for i in [*train, *test]]
+    ids = [str(row.get("source_id") or "") for _, _, row in selected]
+    if not all(ids) or len(set(ids)) < len(ids):  # no usable ids of its own: name rows by position
+        ids = [f"{split}:{index}" for split, index, _ in selected]
+    rows = [{"id": sheet_id, "prompt": importers.as_messages(row["prompt"]), "responses": row["responses"]}
+            for sheet_id, (_, _, row) in zip(ids, selected, strict=True)]
+    importers.write_sheet(rows, path, args.seed)
+    _say_how_to_import(path, len(rows))
+    return path
+
+
+def _say_how_to_import(sheet: Path, rows: int) -> None:
+    logger.info("wrote a ranking sheet with %d prompts to %s — fill its `ranks` column, then run `align comparisons "
+                "--source sheet --input_path %s --output_dir <dir>`", rows, sheet, sheet)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(STAGE, main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
