@@ -14,9 +14,9 @@ rewards over the training responses (PPO normalises rewards with them). Resumes 
     torchrun --nproc_per_node 2 -m align.reward --config configs/tiny/reward.yaml    # CPU DDP (gloo)
 
 The K-wise loss: for each prompt, every response goes through the model once, and the loss is the
-mean over all ordered pairs (i ranked above j; ties give no pair) of -log sigmoid(r_i - r_j - margin),
-averaged per prompt (InstructGPT's 1/C(K,2) normalisation) and then over the prompts of the batch. A
-batch holds whole prompts: `per_device_train_batch_size` counts prompts, not sequences.
+mean over all ordered pairs (i ranked above j; ties give no pair) of -log sigmoid(r_i - r_j - margin)
+(`--pair_weighting prompt` averages per prompt first, InstructGPT's 1/C(K,2) normalisation). A batch
+holds whole prompts: `per_device_train_batch_size` counts prompts, not sequences.
 
 Why not TRL's RewardTrainer: it takes chosen/rejected pairs only, so K responses become C(K,2)
 independent pairs and each response is encoded K-1 times (and the pairs of one prompt land in
@@ -73,8 +73,13 @@ def kwise_loss(
     pair_prompt: torch.Tensor,
     num_prompts: int,
     margins: torch.Tensor | None = None,
+    weighting: str = "pair",
 ) -> torch.Tensor:
-    """Mean over prompts of the mean over each prompt's pairs of -log sigmoid(r_better - r_worse - margin).
+    """-log sigmoid(r_better - r_worse - margin), averaged over the batch's pairs.
+
+    `weighting="pair"`: the mean over all ordered pairs of the batch, so a prompt counts as many times as
+    it has pairs (the same weight TRL gives pairs). `weighting="prompt"`: the mean over each prompt's
+    pairs, then over prompts (InstructGPT's 1/C(K,2) normalisation), so every prompt counts once.
 
     Args:
         rewards: [N] one scalar per response in the batch (all prompts' responses, flattened).
@@ -82,6 +87,7 @@ def kwise_loss(
         pair_prompt: [P] which prompt (0..num_prompts-1) each pair belongs to.
         num_prompts: prompts in the batch that have at least one pair.
         margins: [P] optional margin each pair must be won by.
+        weighting: "pair" or "prompt" (see above).
 
     Returns:
         A scalar tensor.
@@ -90,6 +96,10 @@ def kwise_loss(
     if margins is not None:
         difference = difference - margins
     pair_losses = -F.logsigmoid(difference)  # [P]
+    if weighting == "pair":
+        return pair_losses.mean()
+    if weighting != "prompt":
+        raise ValueError(f"weighting must be 'pair' or 'prompt', got {weighting!r}")
     pairs_per_prompt = torch.bincount(pair_prompt, minlength=num_prompts).clamp(min=1)  # [B]
     per_prompt = torch.zeros(num_prompts, dtype=pair_losses.dtype, device=pair_losses.device)
     per_prompt = per_prompt.index_add(0, pair_prompt, pair_losses) / pairs_per_prompt  # [B]
@@ -247,16 +257,17 @@ class RankingRewardTrainer(Trainer):
     """transformers' Trainer with the K-wise loss and ranking evaluation."""
 
     def __init__(self, *args, rank_collator: RankingCollator, center_rewards_coefficient: float | None = None,
-                 **kwargs):
+                 pair_weighting: str = "pair", **kwargs):
         super().__init__(*args, data_collator=rank_collator, **kwargs)
         self.rank_collator = rank_collator
+        self.pair_weighting = pair_weighting
         self.center_rewards_coefficient = center_rewards_coefficient
         self.model_accepts_loss_kwargs = False  # our loss is already a mean; let Trainer scale for accumulation
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rewards = sequence_rewards(model, inputs["input_ids"], inputs["attention_mask"])  # [N]
         loss = kwise_loss(rewards, inputs["better"], inputs["worse"], inputs["pair_prompt"],
-                          inputs["num_prompts"], inputs["margins"])
+                          inputs["num_prompts"], inputs["margins"], self.pair_weighting)
         if self.center_rewards_coefficient:
             loss = loss + self.center_rewards_coefficient * centering_penalty(
                 rewards, inputs["sequence_prompt"], inputs["num_prompts"])
@@ -333,6 +344,12 @@ class RewardStageConfig(TrainingDefaults, RewardConfig):
     rank_margin: float = field(
         default=0.0,
         metadata={"help": "Margin per rank of difference: pair (i, j) must be won by rank_margin * (rank_j - rank_i)."},
+    )
+    pair_weighting: str = field(
+        default="pair",
+        metadata={"help": "'pair': the loss is the mean over all ordered pairs in the batch (a prompt with more "
+                  "pairs weighs more, as with pairwise training); 'prompt': mean per prompt, then over prompts "
+                  "(InstructGPT's 1/C(K,2) normalisation).", "choices": ["pair", "prompt"]},
     )
     remove_unused_columns: bool | None = field(default=False, metadata={"help": "Keep our columns (must be false)."})
 
@@ -467,6 +484,7 @@ def main(argv: list[str] | None = None) -> Path:
         processing_class=tokenizer,
         rank_collator=collator,
         center_rewards_coefficient=training_args.center_rewards_coefficient,
+        pair_weighting=training_args.pair_weighting,
         callbacks=[run.metrics],
     )
     run.attach(trainer)

@@ -35,24 +35,30 @@ def test_kwise_loss_equals_hand_computed_value_with_a_tie():
     pairs = reward.ranking_pairs([0, 1, 1])
     better = torch.tensor([p[0] for p in pairs])
     worse = torch.tensor([p[1] for p in pairs])
-    loss = reward.kwise_loss(rewards, better, worse, torch.zeros(2, dtype=torch.long), num_prompts=1)
-    assert loss.item() == pytest.approx(0.220095, abs=1e-6)
+    for weighting in ("pair", "prompt"):  # one prompt: both weightings agree
+        loss = reward.kwise_loss(rewards, better, worse, torch.zeros(2, dtype=torch.long), 1, weighting=weighting)
+        assert loss.item() == pytest.approx(0.220095, abs=1e-6)
 
 
-def test_kwise_loss_averages_per_prompt_then_over_prompts():
-    """Prompt A has 3 pairs, prompt B one: each prompt weighs the same (InstructGPT's 1/C(K,2)), and a
-    margin shifts every difference."""
+def test_kwise_loss_weightings():
+    """Prompt A has 3 pairs, prompt B one: 'pair' averages the 4 pairs, 'prompt' weighs each prompt the
+    same (InstructGPT's 1/C(K,2)); a margin shifts every difference."""
     rewards = torch.tensor([1.0, 0.0, -1.0, 0.5, 0.0])  # A: responses 0-2 ranked [0,1,2]; B: 3-4 ranked [0,1]
     better = torch.tensor([0, 0, 1, 3])
     worse = torch.tensor([1, 2, 2, 4])
     prompt = torch.tensor([0, 0, 0, 1])
     nll = lambda d: -math.log(1 / (1 + math.exp(-d)))  # noqa: E731
-    expected = ((nll(1) + nll(2) + nll(1)) / 3 + nll(0.5)) / 2
-    assert reward.kwise_loss(rewards, better, worse, prompt, 2).item() == pytest.approx(expected, abs=1e-6)
+    per_prompt = ((nll(1) + nll(2) + nll(1)) / 3 + nll(0.5)) / 2
+    per_pair = (nll(1) + nll(2) + nll(1) + nll(0.5)) / 4
+    assert reward.kwise_loss(rewards, better, worse, prompt, 2, weighting="prompt").item() == pytest.approx(
+        per_prompt, abs=1e-6)
+    assert reward.kwise_loss(rewards, better, worse, prompt, 2).item() == pytest.approx(per_pair, abs=1e-6)
     margins = torch.tensor([0.5, 1.0, 0.5, 0.5])
     expected_margin = ((nll(0.5) + nll(1) + nll(0.5)) / 3 + nll(0.0)) / 2
-    got = reward.kwise_loss(rewards, better, worse, prompt, 2, margins).item()
+    got = reward.kwise_loss(rewards, better, worse, prompt, 2, margins, weighting="prompt").item()
     assert got == pytest.approx(expected_margin, abs=1e-6)
+    with pytest.raises(ValueError):
+        reward.kwise_loss(rewards, better, worse, prompt, 2, weighting="token")
 
 
 def test_centering_penalty_matches_trl_for_pairs():
