@@ -159,7 +159,8 @@ class RankingCollator:
 
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[N] scalar rewards: the score head at each sequence's last real token (right padding)."""
+    """[N] scalar rewards: transformers pools the score head at each sequence's rightmost non-pad token
+    (with ChatML that is the newline after the reply's <|im_end|>, which sees the whole reply)."""
     hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False)
     logits = hidden.logits  # [N, 1] already pooled by the sequence-classification head
     return logits.squeeze(-1)
@@ -168,11 +169,12 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 # ----------------------------------------------------------------------------- tokenization
 
 
-def encode_response(tokenizer, prompt, response: str, max_length: int) -> tuple[list[int], str | None]:
-    """Token ids of prompt + response in the model's chat format, at most `max_length` long.
+def encode_response(tokenizer, prompt, response: str, max_length: int | None) -> tuple[list[int], str | None]:
+    """Token ids of prompt + response in the model's chat format, at most `max_length` long (None: no limit).
 
-    Too long: the prompt loses tokens from its left (the response is kept whole); a response that alone
-    exceeds the limit keeps its first `max_length` tokens. Returns (ids, "prompt"|"response"|None).
+    Too long: the prompt loses tokens from its left and the response is kept whole. A response too long
+    to fit beside the last quarter of the limit's worth of prompt keeps its beginning, so the model still
+    sees the end of the question. Returns (ids, "prompt" | "response" | None), the second saying what was cut.
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if tokenizer.chat_template:
@@ -187,8 +189,12 @@ def encode_response(tokenizer, prompt, response: str, max_length: int) -> tuple[
         response_text = response + (tokenizer.eos_token or "")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    if len(response_ids) >= max_length:
-        return response_ids[:max_length], "response"
+    if max_length is None or len(prompt_ids) + len(response_ids) <= max_length:
+        return prompt_ids + response_ids, None
+    prompt_share = min(len(prompt_ids), max_length // 4)
+    if len(response_ids) > max_length - prompt_share:
+        kept_prompt = prompt_ids[len(prompt_ids) - prompt_share:] if prompt_share else []
+        return kept_prompt + response_ids[: max_length - prompt_share], "response"
     room = max_length - len(response_ids)
     if len(prompt_ids) > room:
         return prompt_ids[len(prompt_ids) - room:] + response_ids, "prompt"

@@ -97,6 +97,10 @@ def test_encode_response_cuts_the_prompt_from_the_left(tiny_model_path):
     assert text.endswith("the answer<|im_end|>\n") and "THE END OF THE QUESTION" in text
     ids, truncated = reward.encode_response(tokenizer, prompt, "y" * 100, max_length=64)
     assert truncated == "response" and len(ids) == 64
+    text = tokenizer.decode(ids)
+    assert text.startswith("ION<|im_end|>") and text.endswith("y" * 48)  # 16 prompt tokens: the question's end
+    full, truncated = reward.encode_response(tokenizer, prompt, "y" * 100, max_length=None)
+    assert truncated is None and len(full) > 400
     ids, truncated = reward.encode_response(tokenizer, "short?", "ok", max_length=200)
     assert truncated is None and tokenizer.decode(ids).endswith("ok<|im_end|>\n")
 
