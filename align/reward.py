@@ -40,7 +40,6 @@ from trl import ModelConfig, RewardConfig
 
 from align.common import (
     StageError,
-    base_manifest,
     load_stage_dataset,
     now_iso,
     run_stage,
@@ -505,16 +504,12 @@ def main(argv: list[str] | None = None) -> Path:
     if not run.is_main:
         return output.output_dir
 
-    adapter = run.partial / "adapter"
-    trainer.model.save_pretrained(str(adapter))
-    tokenizer.save_pretrained(str(adapter))
+    adapter = run.save_adapter(trainer, tokenizer)
     all_rewards = [r for row in train_scores for r in row]
     mean = sum(all_rewards) / len(all_rewards)
     std = math.sqrt(sum((r - mean) ** 2 for r in all_rewards) / max(1, len(all_rewards) - 1))
     losses = run.logged("loss")
-    manifest = base_manifest(STAGE, config, {"dataset": data_args.dataset_name},
-                             {"name_or_path": model_args.model_name_or_path, "resolved": model_path}, started)
-    manifest["outputs"] = {"adapter": "adapter", "logs": "logs"}
+    manifest = run.manifest(STAGE, config, data_args.dataset_name, model_args.model_name_or_path, model_path, started)
     manifest["depends_on"] = {"sft_adapter": model_args.sft_adapter} if model_args.sft_adapter else {}
     manifest["metrics"] = {
         "train_loss": result.training_loss,

@@ -27,7 +27,6 @@ from trl import ModelConfig, SFTConfig
 
 from align.common import (
     StageError,
-    base_manifest,
     load_stage_dataset,
     now_iso,
     run_stage,
@@ -163,15 +162,9 @@ def main(argv: list[str] | None = None) -> Path:
     if not run.is_main:
         return output.output_dir
 
-    adapter = run.partial / "adapter"
-    trainer.model.save_pretrained(str(adapter))
-    tokenizer.save_pretrained(str(adapter))
+    adapter = run.save_adapter(trainer, tokenizer)
     losses = run.logged("loss")
-    manifest = base_manifest(
-        STAGE, config, {"dataset": data_args.dataset_name},
-        {"name_or_path": model_args.model_name_or_path, "resolved": model_path}, started,
-    )
-    manifest["outputs"] = {"adapter": "adapter", "logs": "logs"}
+    manifest = run.manifest(STAGE, config, data_args.dataset_name, model_args.model_name_or_path, model_path, started)
     manifest["metrics"] = {
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0] if losses else None,

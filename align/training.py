@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from align.common import StageOutput, append_jsonl
+from align.common import StageOutput, append_jsonl, base_manifest
 from align.models import device_defaults
 
 logger = logging.getLogger("align")
@@ -176,6 +176,21 @@ class TrainingRun:
                     self.metrics.steps_this_run)
         trainer.accelerator.wait_for_everyone()
         return {"world_size": args.world_size, "steps_per_rank": steps}
+
+    def save_adapter(self, trainer, tokenizer) -> Path:
+        """Write the trained PEFT adapter and the tokenizer to adapter/ (main process only)."""
+        adapter = self.partial / "adapter"
+        trainer.model.save_pretrained(str(adapter))
+        tokenizer.save_pretrained(str(adapter))
+        return adapter
+
+    def manifest(self, stage: str, config: dict, dataset: str, model_name: str, model_path: str,
+                 started: str) -> dict:
+        """The manifest of a training stage before its metrics: one input dataset, a base model, adapter/ + logs/."""
+        manifest = base_manifest(stage, config, {"dataset": dataset},
+                                 {"name_or_path": model_name, "resolved": model_path}, started)
+        manifest["outputs"] = {"adapter": "adapter", "logs": "logs"}
+        return manifest
 
     def logged(self, key: str) -> list[float]:
         return [record[key] for record in self.metrics.history() if key in record]
