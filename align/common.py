@@ -78,31 +78,44 @@ def now_iso() -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_json_records(path: Path, stage: str) -> list[dict]:
-    """Read a JSON Lines file (or a JSON array), optionally gzipped, reporting the bad line."""
+def parse_json_lines(text: str, path: Path, stage: str) -> list[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line of JSON Lines text; a malformed line or a
+    line that is not a JSON object is a StageError naming the file and the line."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StageError(stage, f"{path} line {number}: malformed JSON ({exc.msg}) — fix or remove that line"
+                             ) from None
+        if not isinstance(record, dict):
+            raise StageError(stage, f"{path} line {number}: expected a JSON object, got {type(record).__name__} "
+                             "— one object per line")
+        records.append((number, record))
+    return records
+
+
+def read_text(path: Path, stage: str) -> str:
+    """The text of a (possibly gzipped) UTF-8 file; unreadable files are a StageError."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
+            return handle.read()
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise StageError(stage, f"cannot read {path}: {exc} — check that it is a UTF-8 JSON/JSONL file") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a whole-file JSON array
-        try:
-            records = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise StageError(stage, f"{path}: not valid JSON ({exc}) — fix the file") from None
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise StageError(
-                    stage, f"{path} line {number}: malformed JSON ({exc.msg}) — fix or remove that line"
-                ) from None
+
+
+def _read_json_records(path: Path, stage: str) -> list[dict]:
+    """Read a JSON Lines file (or a JSON array), optionally gzipped, reporting the bad line."""
+    stripped = read_text(path, stage).lstrip()
+    if not stripped.startswith("["):
+        return [record for _, record in parse_json_lines(stripped, path, stage)]
+    try:  # a whole-file JSON array
+        records = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise StageError(stage, f"{path}: not valid JSON ({exc}) — fix the file") from None
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise StageError(stage, f"{path} record {number}: expected a JSON object, got {type(record).__name__}")

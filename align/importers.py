@@ -8,7 +8,6 @@ raises `RecordError` naming the record; the stage collects those into one error 
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 import random
@@ -19,7 +18,7 @@ from typing import Any, NamedTuple
 
 from datasets import DatasetDict
 
-from align.common import StageError, validate_columns
+from align.common import StageError, parse_json_lines, read_text, validate_columns
 from align.comparisons import check_ranking, comparison_row, dense_ranks
 
 # How to fix a bad record, per source (the end of the one-line error).
@@ -54,25 +53,8 @@ def read_jsonl(path: Path, stage: str) -> list[SourceRecord]:
     """The JSON objects of a JSONL(.gz) file; a malformed line is a StageError naming it."""
     if not path.is_file():
         raise StageError(stage, f"input not found: {path} — pass --input_path <file.jsonl>")
-    opener = gzip.open if path.suffix == ".gz" else open
-    records = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise StageError(stage, f"{path} line {line_number}: malformed JSON ({exc.msg}) — fix or "
-                                     "remove that line") from None
-                if not isinstance(data, dict):
-                    raise StageError(stage, f"{path} line {line_number}: expected a JSON object, got "
-                                     f"{type(data).__name__} — one object per line")
-                records.append(SourceRecord(len(records), line_number, data))
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise StageError(stage, f"cannot read {path}: {exc} — check that it is a UTF-8 JSONL(.gz) file") from None
-    return records
+    pairs = parse_json_lines(read_text(path, stage), path, stage)
+    return [SourceRecord(index, line, data) for index, (line, data) in enumerate(pairs)]
 
 
 def as_messages(prompt: str | list) -> list[dict]:

@@ -160,8 +160,7 @@ class RankingCollator:
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[N] scalar rewards: transformers pools the score head at each sequence's rightmost non-pad token
     (with ChatML that is the newline after the reply's <|im_end|>, which sees the whole reply)."""
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False)
-    logits = hidden.logits  # [N, 1] already pooled by the sequence-classification head
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [N, 1], pooled by the head
     return logits.squeeze(-1)
 
 

@@ -129,7 +129,7 @@ def test_load_non_object_row(tmp_path):
     with pytest.raises(StageError) as info:
         load_stage_dataset(path, "sft")
     assert str(path) in info.value.message
-    assert "record 2" in info.value.message
+    assert "line 2" in info.value.message
     assert "expected a JSON object" in info.value.message
 
 
