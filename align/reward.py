@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
-from transformers import Trainer
+from transformers import Trainer, set_seed
 from trl import ModelConfig, RewardConfig
 
 from align.common import (
@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> Path:
                     truncation["truncated_prompts"], truncation["truncated_responses"], training_args.max_length)
 
     run = TrainingRun.start(output, training_args)
+    set_seed(training_args.seed)  # the new score head and LoRA weights are initialised here, before the Trainer
     model = build_reward_model(model_path, tokenizer, model_args.sft_adapter, dtype=model_args.dtype)
     if training_args.disable_dropout:
         disable_dropout_in_model(model)

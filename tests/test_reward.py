@@ -155,12 +155,13 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_reward_model_learns_identifiable_rankings(trained):
-    """Held-out pairwise accuracy is well above chance (0.5) and above the untrained model's."""
+    """Held-out pairwise accuracy is well above chance (0.5) and clearly above the untrained model's (seeded), and the
+    training loss fell by more than half."""
     metrics = read_manifest(trained)["metrics"]
     assert metrics["eval_pairs"] == 16 * 3
     assert metrics["eval_accuracy"] >= 0.85, metrics
-    assert metrics["eval_accuracy"] > metrics["eval_accuracy_before"] + 0.2
-    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    assert metrics["eval_accuracy"] > metrics["eval_accuracy_before"] + 0.2  # seeded: 0.48 -> 1.0
+    assert metrics["last_logged_loss"] < 0.5 * metrics["first_logged_loss"]
     assert set(metrics["eval_accuracy_by_k"]) == {"3"}
 
 
