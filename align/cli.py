@@ -12,6 +12,7 @@ import sys
 
 # stage -> (module, one-line summary); a stage is listed once it exists.
 STAGES = {
+    "self-instruct": ("align.self_instruct", "bootstrap tasks with instances from a few seed tasks (Self-Instruct)"),
     "sft": ("align.sft", "supervised fine-tuning with LoRA on chat or prompt/completion data"),
     "comparisons": ("align.comparisons", "K ranked responses per prompt: OASST, HH-RLHF, sampled policy, human sheets"),
     "reward": ("align.reward", "reward model trained on K-wise rankings (or chosen/rejected pairs)"),

@@ -57,7 +57,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from datasets import Dataset, DatasetDict
 
@@ -72,6 +72,7 @@ from align.common import (
     save_dataset_atomic,
     validate_columns,
 )
+from align.generation import Generation, GenerationSettings, generate, render_chat
 from align.models import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 
 STAGE = "comparisons"
@@ -256,43 +257,11 @@ def comparisons_dataset(splits: dict[str, list[dict]]) -> DatasetDict:
 # ----------------------------------------------------------------------------- sampling and the reference ranker
 
 
-class Generation(NamedTuple):
-    text: str
-    truncated: bool  # hit max_new_tokens without an end-of-sequence token
-
-
-@dataclass
-class GenerationSettings:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-
-
 def generate_responses(model, tokenizer, prompts: list[list[dict]], num_return_sequences: int,
                        settings: GenerationSettings) -> list[list[Generation]]:
-    """Sample `num_return_sequences` replies to each chat prompt with Hugging Face `generate` (left-padded batch).
-
-    The one place that generates, so a faster backend (vLLM) can replace it. Returns one list per prompt.
-    """
-    import torch
-
-    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow each prompt directly
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        output = model.generate(
-            **batch, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-            max_new_tokens=settings.max_new_tokens, num_return_sequences=num_return_sequences,
-            pad_token_id=tokenizer.pad_token_id,
-        )  # [len(prompts) * K, prompt_len + new_len], the K samples of a prompt adjacent
-    eos = model.generation_config.eos_token_id
-    eos_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
-    results: list[Generation] = []
-    for ids in output[:, batch["input_ids"].shape[1]:].tolist():
-        end = next((i for i, token in enumerate(ids) if token in eos_ids), None)
-        text = tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
-        results.append(Generation(text, truncated=end is None and len(ids) >= settings.max_new_tokens))
-    return [results[i:i + num_return_sequences] for i in range(0, len(results), num_return_sequences)]
+    """Sample `num_return_sequences` replies to each chat prompt (one batch); one list per prompt."""
+    texts = [render_chat(tokenizer, prompt) for prompt in prompts]
+    return generate(model, tokenizer, texts, settings, num_return_sequences)
 
 
 def degenerate_reason(text: str, truncated: bool = False, ngram: int = 3, max_repeats: int = 4) -> str | None:

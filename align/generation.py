@@ -1,0 +1,114 @@
+"""Batched text generation and option scoring with any local causal LM: the one place stages generate.
+
+Generation stages (self-instruct, comparisons) call `generate` with already-rendered prompt texts, so
+a faster backend (vLLM on a GPU) can replace Hugging Face `generate` here without touching them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Generation(NamedTuple):
+    text: str
+    truncated: bool  # hit max_new_tokens before an end-of-sequence token or a stop string
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 1.0  # 0 = greedy decoding
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()  # generation of a sequence ends at the first of these; the text is cut before it
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """A chat prompt as text, ending where the assistant's reply starts."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
+
+
+def generate(model, tokenizer, texts: Sequence[str], settings: GenerationSettings,
+             num_return_sequences: int = 1) -> list[list[Generation]]:
+    """Continue each text, `num_return_sequences` times, in one left-padded batch.
+
+    Args:
+        model: A causal LM in eval mode, on its device.
+        tokenizer: Its tokenizer; a pad token is required (the model aliases set one).
+        texts: Prompts as text (special tokens included, e.g. from `render_chat`).
+        settings: Sampling (temperature 0 = greedy, then num_return_sequences must be 1), length, stop strings.
+        num_return_sequences: Continuations per text.
+
+    Returns:
+        One list of `Generation` per text: the continuation decoded without special tokens, cut before the
+        first stop string, stripped of surrounding whitespace, and whether it ran out of tokens.
+        Seed torch (`transformers.set_seed`) before calling for reproducible samples.
+    """
+    import torch
+
+    if settings.temperature <= 0 and num_return_sequences > 1:
+        raise ValueError("greedy decoding (temperature 0) gives one continuation per prompt")
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow each prompt directly
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
+        if settings.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    stops = {"stop_strings": list(settings.stop), "tokenizer": tokenizer} if settings.stop else {}
+    with torch.no_grad():
+        output = model.generate(**batch, **sampling, **stops, max_new_tokens=settings.max_new_tokens,
+                                num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id)
+        # [len(texts) * K, prompt_len + new_len], the K samples of a text adjacent
+    eos_ids = _eos_ids(model, tokenizer)
+    results: list[Generation] = []
+    for ids in output[:, batch["input_ids"].shape[1]:].tolist():
+        end = next((i for i, token in enumerate(ids) if token in eos_ids), None)
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+        cut = min((i for i in (text.find(stop) for stop in settings.stop) if i >= 0), default=None)
+        if cut is not None:
+            text = text[:cut]
+        ran_out = end is None and cut is None and len(ids) >= settings.max_new_tokens
+        results.append(Generation(text.strip(), truncated=ran_out))
+    return [results[i:i + num_return_sequences] for i in range(0, len(results), num_return_sequences)]
+
+
+def score_options(model, tokenizer, texts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+    """Log-likelihood of each option as the continuation of each text: one forward pass per text batch.
+
+    Used to make the model choose (e.g. "Yes" / "No") without sampling: deterministic and never unparseable.
+
+    Args:
+        model: A causal LM in eval mode, on its device.
+        tokenizer: Its tokenizer.
+        texts: Prompts as text.
+        options: Continuations to compare (each tokenized after the prompt; at least one token each).
+
+    Returns:
+        [len(texts)][len(options)] sums of the option tokens' log-probabilities.
+    """
+    import torch
+
+    tokenizer.padding_side = "left"
+    option_ids = [tokenizer(option, add_special_tokens=False)["input_ids"] for option in options]
+    if not all(option_ids):
+        raise ValueError(f"every option must be at least one token, got {list(options)!r}")
+    prompt_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    sequences = [prompt + ids for prompt in prompt_ids for ids in option_ids]  # text-major
+    width = max(map(len, sequences))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=model.device)
+    attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()  # [n, width, vocab]
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
+    scores = []
+    for row in range(len(sequences)):
+        ids = option_ids[row % len(options)]
+        positions = torch.arange(width - len(ids) - 1, width - 1, device=model.device)
+        targets = torch.tensor(ids, device=model.device)
+        scores.append(float(log_probs[row, positions, targets].sum()))
+    return [scores[i:i + len(options)] for i in range(0, len(scores), len(options))]
