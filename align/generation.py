@@ -97,18 +97,32 @@ def score_options(model, tokenizer, texts: Sequence[str], options: Sequence[str]
     if not all(option_ids):
         raise ValueError(f"every option must be at least one token, got {list(options)!r}")
     prompt_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if all(len(ids) == 1 for ids in option_ids):  # one forward pass per text gives every option's probability
+        input_ids, attention = _left_padded(prompt_ids, tokenizer.pad_token_id, model.device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=1).logits[:, -1]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)[:, [ids[0] for ids in option_ids]]  # [texts, options]
+        return log_probs.tolist()
     sequences = [prompt + ids for prompt in prompt_ids for ids in option_ids]  # text-major
-    width = max(map(len, sequences))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=model.device)
-    attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=model.device)
+    input_ids, attention = _left_padded(sequences, tokenizer.pad_token_id, model.device)
+    # Only the last `keep` positions predict option tokens: the LM head and softmax run there alone.
+    keep = max(map(len, option_ids)) + 1
     with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()  # [n, width, vocab]
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t + 1
+        logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits  # [n, keep, vocab]
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column c predicts the token after it
     scores = []
     for row in range(len(sequences)):
         ids = option_ids[row % len(options)]
-        positions = torch.arange(width - len(ids) - 1, width - 1, device=model.device)
-        targets = torch.tensor(ids, device=model.device)
-        scores.append(float(log_probs[row, positions, targets].sum()))
+        columns = torch.arange(keep - 1 - len(ids), keep - 1, device=model.device)  # the option's predictors
+        scores.append(float(log_probs[row, columns, torch.tensor(ids, device=model.device)].sum()))
     return [scores[i:i + len(options)] for i in range(0, len(scores), len(options))]
+
+
+def _left_padded(sequences: list[list[int]], pad: int, device):
+    """(input_ids, attention_mask) tensors of token lists padded on the left to one width."""
+    import torch
+
+    width = max(map(len, sequences))
+    input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=device)
+    attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return input_ids, attention

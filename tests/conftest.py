@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,17 @@ def run_align(*args: str, cwd: Path | None = None, timeout: float = 300) -> subp
         cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def kill_after_journal_line(args: list[str], journal: Path, log: Path, env: dict, timeout: float = 180) -> None:
+    """Run `align *args` and SIGKILL it as soon as `journal` holds a complete line, as a crash would."""
+    with open(log, "w") as stderr:  # a file, not a pipe: the progress bar would fill a pipe and block
+        process = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + timeout
+        while not (journal.exists() and journal.read_text().count("\n") >= 1):
+            assert process.poll() is None, f"run ended before journaling:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"no journal line within {timeout} s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()

@@ -7,10 +7,8 @@ import csv
 import gzip
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from datasets import load_from_disk
 from align import comparisons, importers
 from align.common import StageError, read_manifest
 from align.comparisons import Generation, check_ranking, degenerate_reason, rank_by_scores
-from tests.conftest import DEMONSTRATIONS, ROOT, write_jsonl
+from tests.conftest import DEMONSTRATIONS, ROOT, kill_after_journal_line, write_jsonl
 
 TINY = ["--model_name_or_path", "tiny-llama", "--seed", "0", "--max_new_tokens", "24"]
 # One intra-op thread for the tiny model: its ops are too small to split, and on a busy machine two spinning
@@ -436,16 +434,7 @@ def test_killed_sampling_run_resumes_without_losing_or_repeating_prompts(tmp_pat
     journal = out.with_name("out.partial") / "journal.jsonl"
     log = tmp_path / "first.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
-    with open(log, "w") as stderr:  # a file, not a pipe: the progress bar would fill a pipe and block
-        first = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.time() + 180
-        while not (journal.exists() and journal.read_text().count("\n") >= 1):
-            assert first.poll() is None, f"run ended before journaling:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, "no journal line within 180 s"
-            time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+    kill_after_journal_line(args, journal, log, env)
     assert not out.exists()
     journaled = journal.read_text().count("\n")
     assert 1 <= journaled < count, "the run finished before it could be killed; make it longer"

@@ -17,7 +17,9 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_configs_exist():
     """The real and tiny configs of every stage are shipped."""
     names = {str(p.relative_to(ROOT / "configs")) for p in CONFIGS}
-    assert {"sft.yaml", "tiny/sft.yaml", "accelerate/ddp.yaml"} <= names
+    stages = ("self-instruct", "sft", "comparisons", "reward")
+    assert {f"{stage}.yaml" for stage in stages} | {f"tiny/{stage}.yaml" for stage in stages} <= names
+    assert "accelerate/ddp.yaml" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from align.self_instruct import (
     parse_instance,
     parse_instructions,
 )
-from tests.conftest import ROOT, run_align, write_jsonl
+from tests.conftest import ROOT, kill_after_journal_line, run_align, write_jsonl
 
 TEAM_SEEDS = ROOT / "data" / "seed" / "seed_tasks.jsonl"
 KEYWORDS = keyword_pattern(["image", "picture", "graph", "file", "map", "draw", "plot", "go to"])
@@ -261,9 +259,11 @@ class ScriptedGenerator:
             out.append([Generation(replies[i % len(replies)], False) for i in range(num_return_sequences)])
         return out
 
-    def choose(self, prompts, options):
+    def score(self, prompts, options):
+        """Log-probabilities of (Yes, No): Yes is likelier for tasks that start with "Classify"."""
         self._tick()
-        return [0 if prompt.rsplit("Task: ", 1)[1].startswith("Classify") else 1 for prompt in prompts]
+        return [[-0.5, -1.5] if prompt.rsplit("Task: ", 1)[1].startswith("Classify") else [-1.5, -0.5]
+                for prompt in prompts]
 
 
 REPLIES = [
@@ -348,6 +348,24 @@ def test_loop_filters_classifies_and_instantiates(tmp_path):
     assert set(discarded["discarded"]["reason"]) >= {"blocked_keyword", "too_short", "empty_output", "truncated"}
 
 
+class NoSayingGenerator(ScriptedGenerator):
+    """A model biased towards "No" for every task, slightly less so for classification tasks."""
+
+    def score(self, prompts, options):
+        self._tick()
+        return [[-1.0, -0.6] if prompt.rsplit("Task: ", 1)[1].startswith(("Classify", "Decide", "Does", "Is"))
+                else [-2.0, -0.2] for prompt in prompts]
+
+
+def test_classification_threshold_corrects_a_biased_model(tmp_path):
+    """Argmax would call nothing a classification task; the threshold calibrated on the prompt's examples does."""
+    loop, _ = make_loop(tmp_path, NoSayingGenerator(REPLIES[:1]), max_rounds=1, prompts_per_round=1)
+    loop.run(tmp_path / "journal.jsonl")
+    assert -1.8 < loop.classification_threshold() < -0.4
+    assert {t.instruction: t.is_classification for t in loop.accepted} == {
+        "Write a limerick about a sleepy cat.": False, "Classify the review as positive or negative.": True}
+
+
 def test_near_duplicates_of_the_pool_and_of_each_other_are_discarded(tmp_path):
     replies = ["Write a short poem about the ocean at night time.\n"  # ROUGE-L vs a seed: 0.94
                "Task 10: Write a short story about a dragon who loves to bake bread.\n"
@@ -425,16 +443,7 @@ def test_killed_run_resumes_without_losing_or_repeating(tmp_path, tiny_model_pat
     out = tmp_path / "out"
     journal = out.with_name("out.partial") / "journal.jsonl"
     log = tmp_path / "first.log"
-    with open(log, "w") as stderr:
-        first = subprocess.Popen([sys.executable, "-m", "align.cli", *tiny_run_args(out)], cwd=ROOT, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.time() + 180
-        while not (journal.exists() and journal.read_text().count("\n") >= 1):
-            assert first.poll() is None, f"run ended before journaling:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, "no journal line within 180 s"
-            time.sleep(0.01)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+    kill_after_journal_line(tiny_run_args(out), journal, log, env)
     assert not out.exists()
     journaled = journal.read_text().count("\n")
     assert 1 <= journaled < 6, "the run finished before it could be killed"
