@@ -16,6 +16,7 @@ STAGES = {
     "sft": ("align.sft", "supervised fine-tuning with LoRA on chat or prompt/completion data"),
     "comparisons": ("align.comparisons", "K ranked responses per prompt: OASST, HH-RLHF, sampled policy, human sheets"),
     "reward": ("align.reward", "reward model trained on K-wise rankings (or chosen/rejected pairs)"),
+    "ppo": ("align.ppo", "PPO against a reward model: LoRA policy on the SFT model, value model from the reward model"),
 }
 
 

@@ -16,17 +16,37 @@ the clipped policy and value losses, an optional entropy bonus and gradient clip
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
+import random
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from align import ppo_math
+from align.common import (
+    StageError,
+    StageOutput,
+    append_jsonl,
+    base_manifest,
+    load_stage_dataset,
+    now_iso,
+    parse_config,
+    read_manifest,
+    run_stage,
+)
+from align.hub import write_model_card
+from align.models import DEFAULT_MODEL, adapter_dir, load_causal_lm, load_tokenizer, merge_adapter, resolve_model
+from align.training import latest_checkpoint, truncate_history
 
-# (prompt texts, response texts) -> [B] scores; larger is better.
-RewardFunction = Callable[[list[str], list[str]], torch.Tensor]
+# (prompts as given: text or chat messages, response texts) -> [B] scores; larger is better.
+RewardFunction = Callable[[list, list[str]], torch.Tensor]
 
 
 @dataclass
@@ -146,12 +166,19 @@ class PPOTrainer:
 
     # --- rollout
 
+    def render(self, prompt: str | list[dict]) -> str:
+        """A chat prompt through the chat template (ready for the reply); a text prompt as it is."""
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
     @torch.no_grad()
-    def rollout(self, prompt_texts: Sequence[str]) -> Rollout:
+    def rollout(self, prompts: Sequence[str | list[dict]]) -> Rollout:
         """Sample one response per prompt and compute log-probs, values, scores, rewards and advantages."""
         s, tokenizer = self.settings, self.tokenizer
         tokenizer.padding_side = "left"
-        batch = tokenizer(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer([self.render(p) for p in prompts], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
         batch = batch.to(self.device)
         self.policy.eval()
         self.value_model.eval()
@@ -177,7 +204,7 @@ class PPOTrainer:
 
         texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
                  for ids, m in zip(response, mask, strict=True)]
-        scores = torch.as_tensor(self.reward_fn(list(prompt_texts), texts), dtype=torch.float32,
+        scores = torch.as_tensor(self.reward_fn(list(prompts), texts), dtype=torch.float32,
                                  device=self.device).reshape(-1)
         if s.missing_eos_penalty is not None:
             scores = scores + s.missing_eos_penalty * truncated.float()
@@ -229,9 +256,9 @@ class PPOTrainer:
                 "clipfrac": pg_stats["clipfrac"].item(), "approx_kl": pg_stats["approx_kl"].item(),
                 "value_clipfrac": vf_stats["clipfrac"].item(), "grad_norm": float(grad_norm)}
 
-    def step(self, prompt_texts: Sequence[str]) -> tuple[dict[str, float], Rollout]:
+    def step(self, prompts: Sequence[str | list[dict]]) -> tuple[dict[str, float], Rollout]:
         """One PPO iteration on a batch of prompts: rollout, update, KL-coefficient update. Returns statistics."""
-        rollout = self.rollout(prompt_texts)
+        rollout = self.rollout(prompts)
         kl_per_response = ppo_math.masked_sum(rollout.kl, rollout.mask, dim=1)  # [B]
         lengths = rollout.mask.sum(1)
         stats = {
@@ -246,6 +273,290 @@ class PPOTrainer:
         stats.update(self.update(rollout))
         if not math.isfinite(stats["policy_loss"]) or not math.isfinite(stats["value_loss"]):
             raise FloatingPointError(f"non-finite loss at step {self.step_count}: {stats}")
-        self.kl_controller.update(stats["kl"], len(prompt_texts))
+        self.kl_controller.update(stats["kl"], len(prompts))
         self.step_count += 1
         return stats, rollout
+
+
+# ----------------------------------------------------------------------------- the stage: `align ppo`
+
+STAGE = "ppo"
+logger = logging.getLogger("align")
+
+
+@dataclass
+class PPOArguments:
+    dataset_name: str = field(
+        default="runs/self_instruct",
+        metadata={"help": "Prompts: a dataset with a `prompt` column (text or chat) or `messages` chats (the turns "
+                  "before the last reply), e.g. an `align self-instruct` output."},
+    )
+    dataset_split: str | None = field(default="train", metadata={"help": "Split of the prompts (None: all)."})
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL, metadata={"help": "Base model of the policy (the SFT stage's base)."}
+    )
+    sft_adapter: str | None = field(
+        default=None, metadata={"help": "An `align sft` output: merged into the base to start the policy."}
+    )
+    reward_model: str = field(default="runs/reward", metadata={"help": "An `align reward` output directory."})
+    output_dir: str = field(default="runs/ppo", metadata={"help": "Where the finished stage output goes."})
+    total_steps: int = field(default=20, metadata={"help": "PPO iterations (one rollout batch each)."})
+    rollout_batch_size: int = field(default=8, metadata={"help": "Prompts sampled per iteration."})
+    reward_max_length: int | None = field(
+        default=512, metadata={"help": "Longest prompt + response the reward model reads (the prompt is cut first)."}
+    )
+    max_kl: float = field(
+        default=50.0, metadata={"help": "Stop (keeping the last good checkpoint) when the mean KL per response "
+                                "exceeds this many nats."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the policy and value adapters."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get LoRA ('all-linear' or names)."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype ('auto', 'float32', 'bfloat16')."})
+    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (and at the end)."})
+    sample_steps: int = field(default=5, metadata={"help": "Log prompt/response/score samples every N iterations."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing finished output_dir."})
+    restart: bool = field(
+        default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial instead of resuming it."}
+    )
+
+
+CONFIG_CLASSES = (PPOArguments, PPOSettings)
+
+
+class RewardModelScorer:
+    """A reward-stage model as a `RewardFunction`: scores normalised with the training rewards' mean and std."""
+
+    def __init__(self, model, tokenizer, mean: float, std: float, max_length: int | None, batch_size: int = 8):
+        self.model, self.tokenizer = model, tokenizer
+        self.mean, self.std = mean, std if std > 0 else 1.0
+        self.max_length, self.batch_size = max_length, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        from align.reward import encode_response, sequence_rewards
+
+        ids = [encode_response(self.tokenizer, p, r, self.max_length)[0] for p, r in zip(prompts, responses,
+                                                                                          strict=True)]
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start:start + self.batch_size]
+            width = max(map(len, chunk))
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=device)
+            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+            scores.append(sequence_rewards(self.model, input_ids, attention).float().cpu())
+        return (torch.cat(scores) - self.mean) / self.std
+
+
+def prompt_order(step: int, batch_size: int, count: int, seed: int) -> list[int]:
+    """Prompt indices of iteration `step`: consecutive slices of seeded per-epoch permutations (resumable)."""
+    indices = []
+    position = step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(position, count)
+        permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        take = permutation[offset:offset + batch_size - len(indices)]
+        indices += take
+        position += len(take)
+    return indices
+
+
+def check_arguments(args: PPOArguments, settings: PPOSettings) -> None:
+    problems = []
+    for name in ("total_steps", "rollout_batch_size", "save_steps", "sample_steps"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    for name in ("ppo_epochs", "mini_batch_size", "max_new_tokens"):
+        if getattr(settings, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    if settings.temperature <= 0 or not 0 < settings.top_p <= 1:
+        problems.append("--temperature must be > 0 and --top_p in (0, 1]")
+    if not 0 <= settings.gamma <= 1 or not 0 <= settings.lam <= 1:
+        problems.append("--gamma and --lam must be in [0, 1]")
+    if settings.init_kl_coef < 0 or (settings.target_kl is not None and settings.target_kl <= 0):
+        problems.append("--init_kl_coef must be >= 0 and --target_kl > 0")
+    if problems:
+        raise StageError(STAGE, "; ".join(problems) + " — see `align ppo --help`")
+    reward_manifest = Path(args.reward_model) / "manifest.json"
+    if not reward_manifest.exists() or read_manifest(args.reward_model).get("stage") != "reward":
+        raise StageError(STAGE, f"no reward model at {args.reward_model} — pass an `align reward` output directory")
+    if args.sft_adapter and not (adapter_dir(args.sft_adapter) / "adapter_config.json").exists():
+        raise StageError(STAGE, f"no adapter at {args.sft_adapter} — pass an `align sft` output directory")
+
+
+def save_checkpoint(directory: Path, trainer: PPOTrainer) -> Path:
+    """checkpoint-N/: trainable weights of policy and value, optimizer, KL controller, RNG states; the
+    trainer_state.json written last marks it complete."""
+    path = directory / f"checkpoint-{trainer.step_count}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    weights = {f"policy.{n}": p.detach().cpu() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    weights |= {f"value.{n}": p.detach().cpu() for n, p in trainer.value_model.named_parameters() if p.requires_grad}
+    torch.save(weights, path / "weights.pt")
+    torch.save({"optimizer": trainer.optimizer.state_dict(), "kl_controller": trainer.kl_controller.state_dict(),
+                "torch_rng": torch.get_rng_state(), "minibatch_rng": trainer.generator.get_state(),
+                "python_rng": random.getstate()}, path / "state.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": trainer.step_count}))
+    return path
+
+
+def load_checkpoint(path: Path, trainer: PPOTrainer) -> None:
+    weights = torch.load(path / "weights.pt", weights_only=True)
+    policy = {n.removeprefix("policy."): w for n, w in weights.items() if n.startswith("policy.")}
+    value = {n.removeprefix("value."): w for n, w in weights.items() if n.startswith("value.")}
+    for module, state in ((trainer.policy, policy), (trainer.value_model, value)):
+        missing = set(state) - {n for n, _ in module.named_parameters()}
+        if missing:
+            raise StageError(STAGE, f"{path} does not match this model ({sorted(missing)[:2]} ...) — pass "
+                             "--restart true to start over")
+        module.load_state_dict(state, strict=False)
+    state = torch.load(path / "state.pt", weights_only=False)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.kl_controller.load_state_dict(state["kl_controller"])
+    torch.set_rng_state(state["torch_rng"])
+    trainer.generator.set_state(state["minibatch_rng"])
+    random.setstate(state["python_rng"])
+    trainer.step_count = json.loads((path / "trainer_state.json").read_text())["global_step"]
+
+
+def build_trainer(args: PPOArguments, settings: PPOSettings) -> tuple[PPOTrainer, str]:
+    """Policy (base + merged SFT adapter + new LoRA), value model (reward model + new LoRA), scorer."""
+    from peft import LoraConfig, get_peft_model
+
+    from align.reward import load_reward_model
+
+    model_path = resolve_model(args.model_name_or_path, STAGE)
+    tokenizer = load_tokenizer(model_path, STAGE)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_causal_lm(model_path, dtype=args.dtype, stage=STAGE)
+    if args.sft_adapter:
+        base = merge_adapter(base, args.sft_adapter, stage=STAGE)
+    targets = args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
+    policy = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                             target_modules=targets, task_type="CAUSAL_LM")).to(device)
+    reward, reward_tokenizer, reward_manifest = load_reward_model(args.reward_model)
+    metrics = reward_manifest.get("metrics", {})
+    scorer = RewardModelScorer(reward.to(device), reward_tokenizer, float(metrics.get("reward_mean", 0.0)),
+                               float(metrics.get("reward_std", 1.0)), args.reward_max_length)
+    value_base, _, _ = load_reward_model(args.reward_model)
+    value = value_model_from(value_base.merge_and_unload(), args.lora_r, args.lora_alpha, args.lora_dropout,
+                             targets).to(device)
+    return PPOTrainer(policy, value, tokenizer, scorer, settings), model_path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from transformers import set_seed
+
+    from align import importers
+
+    args, settings = parse_config(STAGE, CONFIG_CLASSES, argv)
+    started = now_iso()
+    check_arguments(args, settings)
+    config = {"data": dataclasses.asdict(args), "ppo": dataclasses.asdict(settings)}
+    config["data"].pop("restart")
+    config["data"].pop("overwrite_output_dir")
+    output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
+                         restart=args.restart)
+    output.check()
+    records = importers.prompt_records(load_stage_dataset(args.dataset_name, STAGE), args.dataset_split, "output",
+                                       need_reference=False, stage=STAGE)
+    prompts = [record["prompt"] for record in records]
+    if len(prompts) < args.rollout_batch_size:
+        logger.warning("%d prompts for a rollout batch of %d: prompts repeat within a batch", len(prompts),
+                       args.rollout_batch_size)
+
+    set_seed(settings.seed)
+    trainer, model_path = build_trainer(args, settings)
+    partial = output.open()
+    checkpoints = partial / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints, remove_incomplete=True)
+    metrics_path, samples_path = partial / "logs" / "metrics.jsonl", partial / "logs" / "samples.jsonl"
+    if resume_from is not None:
+        load_checkpoint(resume_from, trainer)
+        logger.info("resuming from %s (step %d)", resume_from.name, trainer.step_count)
+        for path in (metrics_path, samples_path):
+            truncate_history(path, trainer.step_count)
+    else:
+        logger.info("PPO on %d prompts -> %s", len(prompts), output.output_dir)
+    run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path)
+
+    adapter = partial / "adapter"
+    trainer.policy.save_pretrained(str(adapter))
+    trainer.tokenizer.save_pretrained(str(adapter))
+    inputs = {"dataset": args.dataset_name, "reward_model": args.reward_model,
+              **({"sft_adapter": args.sft_adapter} if args.sft_adapter else {})}
+    manifest = base_manifest(STAGE, config, inputs, {"name_or_path": args.model_name_or_path, "resolved": model_path},
+                             started)
+    manifest["outputs"] = {"adapter": "adapter", "logs": "logs"}
+    manifest["depends_on"] = {"reward_model": args.reward_model,
+                              **({"sft_adapter": args.sft_adapter} if args.sft_adapter else {})}
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    manifest["metrics"] = summarize(history)
+    manifest["resumed_from"] = resume_from.name if resume_from else None
+    manifest["finished"] = now_iso()
+    write_model_card(adapter, manifest)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return output.publish(manifest, keep=["adapter"])
+
+
+def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints: Path, metrics_path: Path,
+             samples_path: Path) -> None:
+    """Iterations from the trainer's current step to total_steps: log, sample, checkpoint, guard."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    last_good = None
+    writer = SummaryWriter(str(metrics_path.parent / "tensorboard"))
+    with tqdm(total=args.total_steps, initial=trainer.step_count, desc="ppo", unit="step") as progress:
+        while trainer.step_count < args.total_steps:
+            indices = prompt_order(trainer.step_count, args.rollout_batch_size, len(prompts), trainer.settings.seed)
+            batch = [prompts[i] for i in indices]
+            try:
+                stats, rollout = trainer.step(batch)
+            except FloatingPointError as exc:
+                raise StageError(STAGE, f"{exc} — stopped; last good checkpoint: {last_good or 'none'}; lower "
+                                 "--learning_rate or raise --init_kl_coef") from None
+            step = trainer.step_count
+            if stats["kl"] > args.max_kl:
+                raise StageError(STAGE, f"mean KL {stats['kl']:.1f} nats exceeded --max_kl {args.max_kl} at step "
+                                 f"{step}; last good checkpoint: {last_good or 'none'} — raise --init_kl_coef, set "
+                                 "--target_kl, or lower --learning_rate")
+            append_jsonl(metrics_path, {"step": step, "prompts": indices, **stats})
+            for key, value in stats.items():
+                writer.add_scalar(f"ppo/{key}", value, step)
+            if step % args.sample_steps == 0 or step == args.total_steps:
+                for prompt, response, score in list(zip(batch, rollout.responses, rollout.scores.tolist(),
+                                                        strict=True))[:2]:
+                    append_jsonl(samples_path, {"step": step, "prompt": prompt, "response": response, "score": score})
+            if step % args.save_steps == 0 or step == args.total_steps:
+                last_good = save_checkpoint(checkpoints, trainer)
+            progress.update(1)
+            progress.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
+    writer.close()
+
+
+def summarize(history: list[dict]) -> dict:
+    """Manifest metrics: the reward curve's ends (first/last five iterations) and the final KL and beta."""
+    if not history:
+        return {}
+    head, tail = history[:5], history[-5:]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {"steps": history[-1]["step"], "score_first": mean(head, "score_mean"),
+            "score_last": mean(tail, "score_mean"), "kl_last": mean(tail, "kl"), "beta_last": history[-1]["beta"],
+            "response_length_last": mean(tail, "response_length")}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(STAGE, main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -146,7 +146,7 @@ class TrainingRun:
         resume_from = latest_checkpoint(checkpoints, remove_incomplete=is_main)
         metrics = MetricsCallback(partial / "logs" / "metrics.jsonl")
         if resume_from is not None and is_main:
-            _truncate_history(metrics.path, int(resume_from.name.split("-")[-1]))
+            truncate_history(metrics.path, int(resume_from.name.split("-")[-1]))
         training_args = dataclasses.replace(training_args, output_dir=str(checkpoints))
         return cls(output, training_args, is_main, resume_from, metrics)
 
@@ -202,7 +202,7 @@ class TrainingRun:
         return self.output.publish(manifest, keep=keep)
 
 
-def _truncate_history(path: Path, step: int) -> None:
+def truncate_history(path: Path, step: int) -> None:
     """Drop log records written after the checkpoint we resume from; they will be logged again."""
     if not path.exists():
         return
