@@ -19,6 +19,7 @@ ALIAS_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 CARD_CONFIG_KEYS = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "max_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "seed",
+    "total_steps", "rollout_batch_size", "ppo_epochs", "init_kl_coef", "target_kl", "max_new_tokens",
 )
 
 

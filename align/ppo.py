@@ -1,6 +1,10 @@
 """PPO against a reward model: the InstructGPT RL step, on transformers + peft (TRL no longer ships one).
 
-This module holds the training loop; the arithmetic is in `align.ppo_math`.
+    align ppo --config configs/ppo.yaml        # SFT adapter + reward model + Self-Instruct prompts
+    align ppo --config configs/tiny/ppo.yaml   # the tiny model, seconds
+
+This module holds the loop (`PPOTrainer`) and the stage around it (`main`); the arithmetic is in
+`align.ppo_math`.
 
 - **Policy**: a causal LM (the SFT model: base with the SFT adapter merged) with a new trainable LoRA.
 - **Reference**: the same weights with the LoRA disabled (`disable_adapter()`), so no second copy.

@@ -17,7 +17,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_configs_exist():
     """The real and tiny configs of every stage are shipped."""
     names = {str(p.relative_to(ROOT / "configs")) for p in CONFIGS}
-    stages = ("self-instruct", "sft", "comparisons", "reward")
+    stages = ("self-instruct", "sft", "comparisons", "reward", "ppo")
     assert {f"{stage}.yaml" for stage in stages} | {f"tiny/{stage}.yaml" for stage in stages} <= names
     assert "accelerate/ddp.yaml" in names
 
