@@ -76,6 +76,8 @@ class PPOSettings:
     kl_horizon: int = 10000
     missing_eos_penalty: float | None = None  # added to the score of a response cut off at max_new_tokens
     whiten_advantages: bool = True
+    ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): weight of the language-modelling loss on ptx data
+    ptx_batch_size: int = 4
     seed: int = 42
 
 
@@ -136,7 +138,8 @@ class Rollout:
 class PPOTrainer:
     """Policy (with LoRA), value model and reward function, and the PPO step that improves the policy."""
 
-    def __init__(self, policy, value_model: ValueModel, tokenizer, reward_fn: RewardFunction, settings: PPOSettings):
+    def __init__(self, policy, value_model: ValueModel, tokenizer, reward_fn: RewardFunction, settings: PPOSettings,
+                 ptx_data: Sequence[list[int]] | None = None):
         self.policy, self.value_model, self.tokenizer = policy, value_model, tokenizer
         self.reward_fn, self.settings = reward_fn, settings
         self.kl_controller = ppo_math.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
@@ -153,6 +156,11 @@ class PPOTrainer:
         eos = policy.generation_config.eos_token_id
         self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
         self.step_count = 0
+        # PPO-ptx: token-id lists of pretraining/SFT text, read in order, `ptx_batch_size` per minibatch update.
+        self.ptx_data = list(ptx_data or [])
+        self.ptx_position = 0
+        if settings.ptx_coef > 0 and not self.ptx_data:
+            raise ValueError("ptx_coef > 0 needs ptx data")
 
     @property
     def device(self) -> torch.device:
@@ -252,13 +260,30 @@ class PPOTrainer:
         vf_loss, vf_stats = ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                                 s.clip_range_value)
         loss = pg_loss + s.vf_coef * vf_loss - s.entropy_coef * entropy
+        extra = {}
+        if s.ptx_coef > 0:
+            ptx_loss = self._ptx_loss()
+            loss = loss + s.ptx_coef * ptx_loss
+            extra["ptx_loss"] = ptx_loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, s.max_grad_norm)
         self.optimizer.step()
         return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy.item(),
                 "clipfrac": pg_stats["clipfrac"].item(), "approx_kl": pg_stats["approx_kl"].item(),
-                "value_clipfrac": vf_stats["clipfrac"].item(), "grad_norm": float(grad_norm)}
+                "value_clipfrac": vf_stats["clipfrac"].item(), "grad_norm": float(grad_norm), **extra}
+
+    def _ptx_loss(self) -> torch.Tensor:
+        """Mean next-token cross-entropy of the policy on the next `ptx_batch_size` ptx sequences (cycling)."""
+        count = len(self.ptx_data)
+        chunk = [self.ptx_data[(self.ptx_position + i) % count] for i in range(self.settings.ptx_batch_size)]
+        self.ptx_position = (self.ptx_position + len(chunk)) % count
+        width = max(map(len, chunk))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk], device=self.device)
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk], device=self.device)
+        labels = input_ids.masked_fill(attention == 0, -100)
+        return self.policy(input_ids=input_ids, attention_mask=attention, labels=labels).loss
 
     def step(self, prompts: Sequence[str | list[dict]]) -> tuple[dict[str, float], Rollout]:
         """One PPO iteration on a batch of prompts: rollout, update, KL-coefficient update. Returns statistics."""
@@ -319,6 +344,11 @@ class PPOArguments:
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get LoRA ('all-linear' or names)."}
     )
+    ptx_dataset: str | None = field(
+        default=None, metadata={"help": "PPO-ptx: chats (`messages`) or `text` whose language-modelling loss is "
+                                "mixed in with weight --ptx_coef, e.g. the SFT data."}
+    )
+    ptx_max_length: int = field(default=256, metadata={"help": "PPO-ptx: longest sequence in tokens (cut at the end)."})
     dtype: str = field(default="auto", metadata={"help": "Weights dtype ('auto', 'float32', 'bfloat16')."})
     save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (and at the end)."})
     sample_steps: int = field(default=5, metadata={"help": "Log prompt/response/score samples every N iterations."})
@@ -384,6 +414,8 @@ def check_arguments(args: PPOArguments, settings: PPOSettings) -> None:
         problems.append("--gamma and --lam must be in [0, 1]")
     if settings.init_kl_coef < 0 or (settings.target_kl is not None and settings.target_kl <= 0):
         problems.append("--init_kl_coef must be >= 0 and --target_kl > 0")
+    if settings.ptx_coef < 0 or (settings.ptx_coef > 0 and not args.ptx_dataset):
+        problems.append("--ptx_coef must be >= 0, and > 0 needs --ptx_dataset")
     if problems:
         raise StageError(STAGE, "; ".join(problems) + " — see `align ppo --help`")
     reward_manifest = Path(args.reward_model) / "manifest.json"
@@ -404,6 +436,7 @@ def save_checkpoint(directory: Path, trainer: PPOTrainer) -> Path:
     torch.save(weights, path / "weights.pt")
     torch.save({"optimizer": trainer.optimizer.state_dict(), "kl_controller": trainer.kl_controller.state_dict(),
                 "torch_rng": torch.get_rng_state(), "minibatch_rng": trainer.generator.get_state(),
+                "ptx_position": trainer.ptx_position,
                 "python_rng": random.getstate()}, path / "state.pt")
     (path / "trainer_state.json").write_text(json.dumps({"global_step": trainer.step_count}))
     return path
@@ -425,7 +458,28 @@ def load_checkpoint(path: Path, trainer: PPOTrainer) -> None:
     torch.set_rng_state(state["torch_rng"])
     trainer.generator.set_state(state["minibatch_rng"])
     random.setstate(state["python_rng"])
+    trainer.ptx_position = state["ptx_position"]
     trainer.step_count = json.loads((path / "trainer_state.json").read_text())["global_step"]
+
+
+def ptx_sequences(args: PPOArguments, tokenizer) -> list[list[int]]:
+    """Token ids of the PPO-ptx data: chats through the chat template, or a `text` column."""
+    from align.common import validate_columns
+
+    data = load_stage_dataset(args.ptx_dataset, STAGE)
+    split = "train" if "train" in data else next(iter(data))
+    columns = data[split].column_names
+    if "messages" in columns:
+        validate_columns(data, STAGE, {"messages": "messages"}, splits=[split])
+        texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in data[split]["messages"]]
+    elif "text" in columns:
+        validate_columns(data, STAGE, {"text": "text"}, splits=[split])
+        texts = list(data[split]["text"])
+    else:
+        raise StageError(STAGE, f"--ptx_dataset {args.ptx_dataset} has no `messages` or `text` column (found: "
+                         f"{', '.join(columns)}) — pass SFT chats or plain text")
+    sequences = [ids[:args.ptx_max_length] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [ids for ids in sequences if len(ids) > 1]
 
 
 def build_trainer(args: PPOArguments, settings: PPOSettings) -> tuple[PPOTrainer, str]:
@@ -450,7 +504,8 @@ def build_trainer(args: PPOArguments, settings: PPOSettings) -> tuple[PPOTrainer
     value_base, _, _ = load_reward_model(args.reward_model)
     value = value_model_from(value_base.merge_and_unload(), args.lora_r, args.lora_alpha, args.lora_dropout,
                              targets).to(device)
-    return PPOTrainer(policy, value, tokenizer, scorer, settings), model_path
+    ptx = ptx_sequences(args, tokenizer) if args.ptx_dataset and settings.ptx_coef > 0 else None
+    return PPOTrainer(policy, value, tokenizer, scorer, settings, ptx), model_path
 
 
 def main(argv: list[str] | None = None) -> Path:

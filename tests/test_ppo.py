@@ -37,7 +37,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_trainer(tiny_model_path, reward_fn=lowercase_share, **overrides) -> PPOTrainer:
+def make_trainer(tiny_model_path, reward_fn=lowercase_share, ptx_data=None, **overrides) -> PPOTrainer:
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -52,7 +52,7 @@ def make_trainer(tiny_model_path, reward_fn=lowercase_share, **overrides) -> PPO
     settings = PPOSettings(**{"max_new_tokens": 16, "ppo_epochs": 4, "mini_batch_size": 8, "learning_rate": 1e-2,
                               "value_learning_rate": 1e-2, "init_kl_coef": 0.02, "target_kl": 8.0, "kl_horizon": 200,
                               "seed": 0, **overrides})
-    return PPOTrainer(policy, value, tokenizer, reward_fn, settings)
+    return PPOTrainer(policy, value, tokenizer, reward_fn, settings, ptx_data)
 
 
 PROMPTS = [f"Question {i}: say something." for i in range(16)]
@@ -68,6 +68,18 @@ def test_reward_rises_while_kl_stays_bounded(tiny_model_path, one_thread):
     assert max(h["kl"] for h in history) < 20.0  # nats per 16-token response
     assert history[-1]["beta"] != pytest.approx(0.02)  # the adaptive controller acted
     assert all(0 <= h["clipfrac"] <= 1 and h["entropy"] > 0 for h in history)
+
+
+def test_ptx_loss_is_mixed_in_and_learned(tiny_model_path, one_thread):
+    """PPO-ptx with a flat reward: the language-modelling loss on the ptx text falls."""
+    trainer = make_trainer(tiny_model_path)
+    ids = trainer.tokenizer("the cat sat on the mat. " * 4, add_special_tokens=False)["input_ids"]
+    trainer = make_trainer(tiny_model_path, reward_fn=lambda prompts, responses: torch.zeros(len(responses)),
+                           ptx_data=[ids], ptx_coef=1.0, ptx_batch_size=2, ppo_epochs=2)
+    losses = [trainer.step(PROMPTS[:8])[0]["ptx_loss"] for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    with pytest.raises(ValueError, match="ptx data"):
+        make_trainer(tiny_model_path, ptx_coef=0.5)
 
 
 def test_padding_after_eos_is_masked(tiny_model_path, one_thread):
@@ -128,14 +140,14 @@ def test_stage_writes_adapter_card_and_logs(reward_dir, tmp_path):
     from align.models import load_causal_lm, resolve_model
 
     out = tmp_path / "ppo"
-    result = run_align(*ppo_args(reward_dir, out))
+    result = run_align(*ppo_args(reward_dir, out), "--ptx_dataset", DEMONSTRATIONS, "--ptx_coef", "0.1")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(out)
     assert manifest["metrics"]["steps"] == 6 and manifest["depends_on"]["reward_model"] == str(reward_dir)
     assert set(manifest["inputs"]) == {"dataset", "reward_model"}
     rows = history(out)
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(len(r["prompts"]) == 4 for r in rows)
-    assert all(math.isfinite(r["kl"]) and math.isfinite(r["score_mean"]) for r in rows)
+    assert all(math.isfinite(r["kl"]) and math.isfinite(r["score_mean"]) and r["ptx_loss"] > 0 for r in rows)
     samples = (out / "logs" / "samples.jsonl").read_text().splitlines()
     assert {json.loads(s)["step"] for s in samples} == {2, 4, 6}
     card = (out / "adapter" / "README.md").read_text()
