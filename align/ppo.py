@@ -169,9 +169,9 @@ class PPOTrainer:
     # --- forward passes
 
     def _response_logits(self, model, sequences, attention_mask, prompt_length):
-        """Logits at the positions that predict response tokens: [B, R, V]."""
+        """Logits at the positions that predict response tokens, at the sampling temperature: [B, R, V]."""
         logits = model(input_ids=sequences, attention_mask=attention_mask).logits
-        return logits[:, prompt_length - 1:-1]
+        return logits[:, prompt_length - 1:-1] / self.settings.temperature
 
     def _values(self, sequences, attention_mask, prompt_length):
         return self.value_model(sequences, attention_mask)[:, prompt_length - 1:-1]  # [B, R]
@@ -195,7 +195,7 @@ class PPOTrainer:
         self.policy.eval()
         self.value_model.eval()
         sequences = self.policy.generate(
-            **batch, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=None,
+            **batch, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,  # no hidden top-k cut
             max_new_tokens=s.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
         )  # [B, P + R]
         prompt_length = batch["input_ids"].shape[1]
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> Path:
             truncate_history(path, trainer.step_count)
     else:
         logger.info("PPO on %d prompts -> %s", len(prompts), output.output_dir)
-    run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path)
+    run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path, resume_from)
 
     adapter = partial / "adapter"
     trainer.policy.save_pretrained(str(adapter))
@@ -564,12 +564,11 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints: Path, metrics_path: Path,
-             samples_path: Path) -> None:
+             samples_path: Path, last_good: Path | None = None) -> None:
     """Iterations from the trainer's current step to total_steps: log, sample, checkpoint, guard."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    last_good = None
     writer = SummaryWriter(str(metrics_path.parent / "tensorboard"))
     with tqdm(total=args.total_steps, initial=trainer.step_count, desc="ppo", unit="step") as progress:
         while trainer.step_count < args.total_steps:

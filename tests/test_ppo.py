@@ -192,3 +192,21 @@ def test_missing_reward_model_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: ppo: no reward model at {tmp_path / 'nowhere'} — pass an `align reward` output directory"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_kl_guard_stops_with_the_last_good_checkpoint(reward_dir, tmp_path):
+    """Step 1 has KL 0 (the new adapter starts at zero) and is checkpointed; a later step drifts past the bound
+    and the run stops, naming the newest checkpoint, which is on disk and older than the failing step."""
+    import re
+
+    out = tmp_path / "out"
+    result = run_align(*ppo_args(reward_dir, out), "--max_kl", "1e-9", "--save_steps", "1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ppo: mean KL") and "exceeded --max_kl" in lines[-1]
+    found = re.search(r"at step (\d+); last good checkpoint: (\S+) —", lines[-1])
+    assert found, lines[-1]
+    failed_at, checkpoint = int(found.group(1)), Path(found.group(2))
+    assert checkpoint.parent == tmp_path / "out.partial" / "checkpoints"
+    assert (checkpoint / "trainer_state.json").exists() and int(checkpoint.name.split("-")[1]) == failed_at - 1
+    assert "Traceback" not in result.stderr and not out.exists()
