@@ -54,15 +54,28 @@ def run_align(*args: str, cwd: Path | None = None, timeout: float = 300) -> subp
     )
 
 
-def kill_after_journal_line(args: list[str], journal: Path, log: Path, env: dict, timeout: float = 180) -> None:
-    """Run `align *args` and SIGKILL it as soon as `journal` holds a complete line, as a crash would."""
+def kill_after_journal_line(args: list[str], journal: Path, log: Path, env: dict, timeout: float = 180,
+                            lines: int = 1) -> None:
+    """Run `align *args` and SIGKILL it as soon as `journal` exists with `lines` complete lines, as a crash would."""
     with open(log, "w") as stderr:  # a file, not a pipe: the progress bar would fill a pipe and block
         process = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=env,
                                    stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.time() + timeout
-        while not (journal.exists() and journal.read_text().count("\n") >= 1):
-            assert process.poll() is None, f"run ended before journaling:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"no journal line within {timeout} s"
+        while not (journal.exists() and journal.read_text().count("\n") >= lines):
+            assert process.poll() is None, f"run ended before {journal.name} appeared:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"no {journal.name} within {timeout} s"
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the tiny model: its ops are too small to split, and on a busy machine two
+    spinning OpenMP threads make it many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,16 +26,6 @@ TINY = ["--model_name_or_path", "tiny-llama", "--seed", "0", "--max_new_tokens",
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def user(text: str) -> dict:
     return {"role": "user", "content": text}
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ import torch
 
 from align.common import read_manifest
 from align.ppo import PPOSettings, PPOTrainer, value_model_from
-from tests.conftest import DEMONSTRATIONS, ROOT, run_align
+from tests.conftest import DEMONSTRATIONS, ROOT, kill_after_journal_line, run_align
 
 # The tiny model's tied output embedding is small, so its next-token distribution is nearly uniform and
 # adapters on the attention/MLP layers alone barely move it (RMS norm caps the hidden state): the test
@@ -27,14 +23,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def lowercase_share(prompts: list[str], responses: list[str]) -> torch.Tensor:
     """Scripted reward: the share of a response's characters that are ASCII lowercase letters (~10% by chance)."""
     return torch.tensor([sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses])
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_trainer(tiny_model_path, reward_fn=lowercase_share, ptx_data=None, **overrides) -> PPOTrainer:
@@ -165,16 +153,7 @@ def test_killed_run_resumes_with_the_same_data_order(reward_dir, tmp_path):
     out = tmp_path / "out"
     checkpoint = tmp_path / "out.partial" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, "-m", "align.cli", *ppo_args(reward_dir, out)], cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=log, env=env)
-        deadline = time.time() + 180
-        while not checkpoint.exists():
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
-            assert time.time() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+    kill_after_journal_line(ppo_args(reward_dir, out), checkpoint, tmp_path / "first.log", env, lines=0)
     second = run_align(*ppo_args(reward_dir, out))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from checkpoint-" in second.stderr
