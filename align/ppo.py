@@ -139,7 +139,10 @@ class PPOTrainer:
     """Policy (with LoRA), value model and reward function, and the PPO step that improves the policy."""
 
     def __init__(self, policy, value_model: ValueModel, tokenizer, reward_fn: RewardFunction, settings: PPOSettings,
-                 ptx_data: Sequence[list[int]] | None = None):
+                 ptx_data: Sequence[list[int]] | None = None, accelerator=None):
+        """`accelerator` (an `accelerate.Accelerator`) spreads the work over processes: each rank samples its
+        share of every batch, gradients are averaged across ranks (DDP), statistics and the KL coefficient
+        are the mean over ranks. Without one, everything runs in this process."""
         self.policy, self.value_model, self.tokenizer = policy, value_model, tokenizer
         self.reward_fn, self.settings = reward_fn, settings
         self.kl_controller = ppo_math.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
@@ -152,6 +155,13 @@ class PPOTrainer:
             {"params": value_params, "lr": settings.value_learning_rate},
         ])
         self.trainable = policy_params + value_params
+        self.accelerator = accelerator
+        # Training forwards go through the (possibly DDP-wrapped) modules; sampling, the reference pass and
+        # saving use the plain ones.
+        self.policy_train, self.value_train = policy, value_model
+        if accelerator is not None:
+            self.policy_train, self.value_train, self.optimizer = accelerator.prepare(policy, value_model,
+                                                                                      self.optimizer)
         self.generator = torch.Generator().manual_seed(settings.seed)  # minibatch order
         eos = policy.generation_config.eos_token_id
         self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
@@ -173,8 +183,9 @@ class PPOTrainer:
         logits = model(input_ids=sequences, attention_mask=attention_mask).logits
         return logits[:, prompt_length - 1:-1] / self.settings.temperature
 
-    def _values(self, sequences, attention_mask, prompt_length):
-        return self.value_model(sequences, attention_mask)[:, prompt_length - 1:-1]  # [B, R]
+    def _values(self, sequences, attention_mask, prompt_length, model=None):
+        model = model or self.value_model
+        return model(sequences, attention_mask)[:, prompt_length - 1:-1]  # [B, R]
 
     # --- rollout
 
@@ -194,10 +205,7 @@ class PPOTrainer:
         batch = batch.to(self.device)
         self.policy.eval()
         self.value_model.eval()
-        sequences = self.policy.generate(
-            **batch, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,  # no hidden top-k cut
-            max_new_tokens=s.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-        )  # [B, P + R]
+        sequences = self.sample(batch)  # [B, P + R]
         prompt_length = batch["input_ids"].shape[1]
         response = sequences[:, prompt_length:]
         is_eos = torch.isin(response, torch.tensor(self.eos_ids, device=response.device))
@@ -227,13 +235,21 @@ class PPOTrainer:
         return Rollout(sequences, attention_mask, prompt_length, mask, logprobs, ref_logprobs, values, scores,
                        rewards, kl, advantages, returns, texts, truncated)
 
+    def sample(self, batch) -> torch.Tensor:
+        """The one generation call (Hugging Face `generate`; a faster backend can replace this method)."""
+        s = self.settings
+        return self.policy.generate(
+            **batch, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,  # no hidden top-k cut
+            max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+        )
+
     # --- optimisation
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """`ppo_epochs` passes over shuffled minibatches of the rollout; returns averaged statistics."""
         s = self.settings
-        self.policy.train()
-        self.value_model.train()
+        self.policy_train.train()
+        self.value_train.train()
         size = rollout.sequences.shape[0]
         totals: dict[str, float] = {}
         updates = 0
@@ -251,12 +267,12 @@ class PPOTrainer:
         s = self.settings
         sequences, attention_mask = rollout.sequences[rows], rollout.attention_mask[rows]
         mask, response = rollout.mask[rows], rollout.sequences[rows, rollout.prompt_length:]
-        logits = self._response_logits(self.policy, sequences, attention_mask, rollout.prompt_length)
+        logits = self._response_logits(self.policy_train, sequences, attention_mask, rollout.prompt_length)
         logprobs = ppo_math.logprobs_of(logits, response)
         entropy = ppo_math.masked_mean(ppo_math.entropy_of(logits), mask)
         pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], mask,
                                                  s.clip_range)
-        values = self._values(sequences, attention_mask, rollout.prompt_length).float()
+        values = self._values(sequences, attention_mask, rollout.prompt_length, self.value_train).float()
         vf_loss, vf_stats = ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                                 s.clip_range_value)
         loss = pg_loss + s.vf_coef * vf_loss - s.entropy_coef * entropy
@@ -266,8 +282,12 @@ class PPOTrainer:
             loss = loss + s.ptx_coef * ptx_loss
             extra["ptx_loss"] = ptx_loss.item()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, s.max_grad_norm)
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+            grad_norm = self.accelerator.clip_grad_norm_(self.trainable, s.max_grad_norm)
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, s.max_grad_norm)
         self.optimizer.step()
         return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy.item(),
                 "clipfrac": pg_stats["clipfrac"].item(), "approx_kl": pg_stats["approx_kl"].item(),
@@ -283,7 +303,7 @@ class PPOTrainer:
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk], device=self.device)
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk], device=self.device)
         labels = input_ids.masked_fill(attention == 0, -100)
-        return self.policy(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        return self.policy_train(input_ids=input_ids, attention_mask=attention, labels=labels).loss
 
     def step(self, prompts: Sequence[str | list[dict]]) -> tuple[dict[str, float], Rollout]:
         """One PPO iteration on a batch of prompts: rollout, update, KL-coefficient update. Returns statistics."""
@@ -300,9 +320,13 @@ class PPOTrainer:
         if not all(math.isfinite(stats[key]) for key in ("score_mean", "kl")):
             raise FloatingPointError(f"non-finite rollout statistics at step {self.step_count}: {stats}")
         stats.update(self.update(rollout))
+        if self.accelerator is not None and self.accelerator.num_processes > 1:  # the mean over ranks
+            values = torch.tensor(list(stats.values()), dtype=torch.float64, device=self.accelerator.device)
+            stats = dict(zip(stats, self.accelerator.reduce(values, reduction="mean").tolist(), strict=True))
         if not math.isfinite(stats["policy_loss"]) or not math.isfinite(stats["value_loss"]):
             raise FloatingPointError(f"non-finite loss at step {self.step_count}: {stats}")
-        self.kl_controller.update(stats["kl"], len(prompts))
+        ranks = self.accelerator.num_processes if self.accelerator is not None else 1
+        self.kl_controller.update(stats["kl"], len(prompts) * ranks)
         self.step_count += 1
         return stats, rollout
 
@@ -425,24 +449,45 @@ def check_arguments(args: PPOArguments, settings: PPOSettings) -> None:
         raise StageError(STAGE, f"no adapter at {args.sft_adapter} — pass an `align sft` output directory")
 
 
+def _rank(trainer: PPOTrainer) -> tuple[int, bool]:
+    accelerator = trainer.accelerator
+    return (accelerator.process_index, accelerator.is_main_process) if accelerator is not None else (0, True)
+
+
+def _barrier(trainer: PPOTrainer) -> None:
+    if trainer.accelerator is not None:
+        trainer.accelerator.wait_for_everyone()
+
+
 def save_checkpoint(directory: Path, trainer: PPOTrainer) -> Path:
-    """checkpoint-N/: trainable weights of policy and value, optimizer, KL controller, RNG states; the
-    trainer_state.json written last marks it complete."""
+    """checkpoint-N/: trainable weights of policy and value, optimizer, KL controller, every rank's RNG states;
+    the trainer_state.json written last marks it complete. Called on every rank."""
+    rank, is_main = _rank(trainer)
     path = directory / f"checkpoint-{trainer.step_count}"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    weights = {f"policy.{n}": p.detach().cpu() for n, p in trainer.policy.named_parameters() if p.requires_grad}
-    weights |= {f"value.{n}": p.detach().cpu() for n, p in trainer.value_model.named_parameters() if p.requires_grad}
-    torch.save(weights, path / "weights.pt")
-    torch.save({"optimizer": trainer.optimizer.state_dict(), "kl_controller": trainer.kl_controller.state_dict(),
-                "torch_rng": torch.get_rng_state(), "minibatch_rng": trainer.generator.get_state(),
-                "ptx_position": trainer.ptx_position,
-                "python_rng": random.getstate()}, path / "state.pt")
-    (path / "trainer_state.json").write_text(json.dumps({"global_step": trainer.step_count}))
+    if is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    _barrier(trainer)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, path / f"rng-{rank}.pt")
+    _barrier(trainer)
+    if is_main:
+        weights = {f"policy.{n}": p.detach().cpu() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+        weights |= {f"value.{n}": p.detach().cpu() for n, p in trainer.value_model.named_parameters()
+                    if p.requires_grad}
+        torch.save(weights, path / "weights.pt")
+        torch.save({"optimizer": trainer.optimizer.state_dict(), "kl_controller": trainer.kl_controller.state_dict(),
+                    "minibatch_rng": trainer.generator.get_state(), "ptx_position": trainer.ptx_position},
+                   path / "state.pt")
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": trainer.step_count}))
+    _barrier(trainer)
     return path
 
 
 def load_checkpoint(path: Path, trainer: PPOTrainer) -> None:
+    """Restore what `save_checkpoint` wrote (on every rank; a rank without its own RNG file takes rank 0's)."""
+    rank, _ = _rank(trainer)
     weights = torch.load(path / "weights.pt", weights_only=True)
     policy = {n.removeprefix("policy."): w for n, w in weights.items() if n.startswith("policy.")}
     value = {n.removeprefix("value."): w for n, w in weights.items() if n.startswith("value.")}
@@ -455,10 +500,14 @@ def load_checkpoint(path: Path, trainer: PPOTrainer) -> None:
     state = torch.load(path / "state.pt", weights_only=False)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.kl_controller.load_state_dict(state["kl_controller"])
-    torch.set_rng_state(state["torch_rng"])
     trainer.generator.set_state(state["minibatch_rng"])
-    random.setstate(state["python_rng"])
     trainer.ptx_position = state["ptx_position"]
+    rng_file = path / f"rng-{rank}.pt"
+    rng = torch.load(rng_file if rng_file.exists() else path / "rng-0.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     trainer.step_count = json.loads((path / "trainer_state.json").read_text())["global_step"]
 
 
@@ -482,7 +531,7 @@ def ptx_sequences(args: PPOArguments, tokenizer) -> list[list[int]]:
     return [ids for ids in sequences if len(ids) > 1]
 
 
-def build_trainer(args: PPOArguments, settings: PPOSettings) -> tuple[PPOTrainer, str]:
+def build_trainer(args: PPOArguments, settings: PPOSettings, accelerator=None) -> tuple[PPOTrainer, str]:
     """Policy (base + merged SFT adapter + new LoRA), value model (reward model + new LoRA), scorer."""
     from peft import LoraConfig, get_peft_model
 
@@ -490,7 +539,7 @@ def build_trainer(args: PPOArguments, settings: PPOSettings) -> tuple[PPOTrainer
 
     model_path = resolve_model(args.model_name_or_path, STAGE)
     tokenizer = load_tokenizer(model_path, STAGE)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = accelerator.device if accelerator is not None else "cuda" if torch.cuda.is_available() else "cpu"
     base = load_causal_lm(model_path, dtype=args.dtype, stage=STAGE)
     if args.sft_adapter:
         base = merge_adapter(base, args.sft_adapter, stage=STAGE)
@@ -505,7 +554,7 @@ def build_trainer(args: PPOArguments, settings: PPOSettings) -> tuple[PPOTrainer
     value = value_model_from(value_base.merge_and_unload(), args.lora_r, args.lora_alpha, args.lora_dropout,
                              targets).to(device)
     ptx = ptx_sequences(args, tokenizer) if args.ptx_dataset and settings.ptx_coef > 0 else None
-    return PPOTrainer(policy, value, tokenizer, scorer, settings, ptx), model_path
+    return PPOTrainer(policy, value, tokenizer, scorer, settings, ptx, accelerator), model_path
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -529,20 +578,35 @@ def main(argv: list[str] | None = None) -> Path:
         logger.warning("%d prompts for a rollout batch of %d: prompts repeat within a batch", len(prompts),
                        args.rollout_batch_size)
 
-    set_seed(settings.seed)
-    trainer, model_path = build_trainer(args, settings)
-    partial = output.open()
+    from accelerate import Accelerator
+
+    # One process, or several under `accelerate launch` / `torchrun` (DDP; gloo on CPUs).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world, is_main = accelerator.num_processes, accelerator.is_main_process
+    if args.rollout_batch_size % world:
+        raise StageError(STAGE, f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of the "
+                         f"{world} processes (each samples an equal share)")
+    set_seed(settings.seed)  # the same initial adapters on every rank
+    trainer, model_path = build_trainer(args, settings, accelerator)
+    set_seed(settings.seed + accelerator.process_index)  # but different samples
+    partial = output.open(is_main_process=is_main)
+    accelerator.wait_for_everyone()
     checkpoints = partial / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints, remove_incomplete=True)
+    resume_from = latest_checkpoint(checkpoints, remove_incomplete=is_main)
     metrics_path, samples_path = partial / "logs" / "metrics.jsonl", partial / "logs" / "samples.jsonl"
     if resume_from is not None:
         load_checkpoint(resume_from, trainer)
         logger.info("resuming from %s (step %d)", resume_from.name, trainer.step_count)
-        for path in (metrics_path, samples_path):
-            truncate_history(path, trainer.step_count)
+        if is_main:
+            for path in (metrics_path, samples_path):
+                truncate_history(path, trainer.step_count)
     else:
         logger.info("PPO on %d prompts -> %s", len(prompts), output.output_dir)
-    run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path, resume_from)
+    sampled = run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path, resume_from)
+    logger.info("rank %d/%d sampled %d prompts in this run", accelerator.process_index, world, sampled)
+    accelerator.wait_for_everyone()
+    if not is_main:
+        return output.output_dir
 
     adapter = partial / "adapter"
     trainer.policy.save_pretrained(str(adapter))
@@ -557,6 +621,7 @@ def main(argv: list[str] | None = None) -> Path:
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     manifest["metrics"] = summarize(history)
     manifest["resumed_from"] = resume_from.name if resume_from else None
+    manifest["world_size"] = world
     manifest["finished"] = now_iso()
     write_model_card(adapter, manifest)
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -564,18 +629,24 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints: Path, metrics_path: Path,
-             samples_path: Path, last_good: Path | None = None) -> None:
-    """Iterations from the trainer's current step to total_steps: log, sample, checkpoint, guard."""
+             samples_path: Path, last_good: Path | None = None) -> int:
+    """Iterations from the trainer's current step to total_steps: log, sample, checkpoint, guard.
+    Returns how many prompts this rank sampled."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    writer = SummaryWriter(str(metrics_path.parent / "tensorboard"))
-    with tqdm(total=args.total_steps, initial=trainer.step_count, desc="ppo", unit="step") as progress:
+    rank, is_main = _rank(trainer)
+    world = trainer.accelerator.num_processes if trainer.accelerator is not None else 1
+    writer = SummaryWriter(str(metrics_path.parent / "tensorboard")) if is_main else None
+    sampled = 0
+    with tqdm(total=args.total_steps, initial=trainer.step_count, desc="ppo", unit="step",
+              disable=not is_main) as progress:
         while trainer.step_count < args.total_steps:
             indices = prompt_order(trainer.step_count, args.rollout_batch_size, len(prompts), trainer.settings.seed)
-            batch = [prompts[i] for i in indices]
+            batch = [prompts[i] for i in indices[rank::world]]  # this rank's share
             try:
                 stats, rollout = trainer.step(batch)
+                sampled += len(batch)
             except FloatingPointError as exc:
                 raise StageError(STAGE, f"{exc} — stopped; last good checkpoint: {last_good or 'none'}; lower "
                                  "--learning_rate or raise --init_kl_coef") from None
@@ -584,10 +655,11 @@ def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints
                 raise StageError(STAGE, f"mean KL {stats['kl']:.1f} nats exceeded --max_kl {args.max_kl} at step "
                                  f"{step}; last good checkpoint: {last_good or 'none'} — raise --init_kl_coef, set "
                                  "--target_kl, or lower --learning_rate")
-            append_jsonl(metrics_path, {"step": step, "prompts": indices, **stats})
-            for key, value in stats.items():
-                writer.add_scalar(f"ppo/{key}", value, step)
-            if step % args.sample_steps == 0 or step == args.total_steps:
+            if is_main:
+                append_jsonl(metrics_path, {"step": step, "prompts": indices, **stats})
+                for key, value in stats.items():
+                    writer.add_scalar(f"ppo/{key}", value, step)
+            if is_main and (step % args.sample_steps == 0 or step == args.total_steps):
                 for prompt, response, score in list(zip(batch, rollout.responses, rollout.scores.tolist(),
                                                         strict=True))[:2]:
                     append_jsonl(samples_path, {"step": step, "prompt": prompt, "response": response, "score": score})
@@ -595,7 +667,9 @@ def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints
                 last_good = save_checkpoint(checkpoints, trainer)
             progress.update(1)
             progress.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}")
-    writer.close()
+    if writer is not None:
+        writer.close()
+    return sampled
 
 
 def summarize(history: list[dict]) -> dict:
