@@ -47,7 +47,7 @@ from align.common import (
 )
 from align.hub import write_model_card
 from align.models import DEFAULT_MODEL, adapter_dir, load_causal_lm, load_tokenizer, merge_adapter, resolve_model
-from align.training import latest_checkpoint, truncate_history
+from align.training import RunArguments, latest_checkpoint, truncate_history
 
 # (prompts as given: text or chat messages, response texts) -> [B] scores; larger is better.
 RewardFunction = Callable[[list, list[str]], torch.Tensor]
@@ -57,28 +57,34 @@ RewardFunction = Callable[[list, list[str]], torch.Tensor]
 class PPOSettings:
     """The algorithm's knobs (the stage's config fields of the same names)."""
 
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    ppo_epochs: int = 4
-    mini_batch_size: int = 4
-    learning_rate: float = 1e-4
-    value_learning_rate: float = 1e-4
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.0
-    max_grad_norm: float = 1.0
-    init_kl_coef: float = 0.05
-    target_kl: float | None = None  # adaptive KL coefficient when set (Ziegler et al. 2019)
-    kl_horizon: int = 10000
-    missing_eos_penalty: float | None = None  # added to the score of a response cut off at max_new_tokens
-    whiten_advantages: bool = True
-    ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): weight of the language-modelling loss on ptx data
-    ptx_batch_size: int = 4
-    seed: int = 42
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest sampled response in tokens."})
+    temperature: float = field(default=1.0,
+        metadata={"help": "Sampling temperature (> 0); log-probs are taken at the same temperature."})
+    top_p: float = field(default=1.0,
+        metadata={"help": "Nucleus sampling mass (0 < p <= 1); 1 samples from the policy itself."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    mini_batch_size: int = field(default=4, metadata={"help": "Responses per optimizer step within a pass."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the policy LoRA."})
+    value_learning_rate: float = field(default=1e-4,
+        metadata={"help": "Learning rate of the value model (LoRA and head)."})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO clip range of the probability ratio."})
+    clip_range_value: float = field(default=0.2, metadata={"help": "Clip range of value updates."})
+    vf_coef: float = field(default=0.5, metadata={"help": "Weight of the value loss."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    init_kl_coef: float = field(default=0.05, metadata={"help": "KL coefficient beta (its start value when adaptive)."})
+    target_kl: float | None = field(default=None,
+        metadata={"help": "Adaptive beta (Ziegler et al. 2019): target KL in nats per response."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive beta: horizon in responses."})
+    missing_eos_penalty: float | None = field(default=None,
+        metadata={"help": "Added to the score of a response cut off at max_new_tokens."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages to mean 0, std 1 per batch."})
+    ptx_coef: float = field(default=0.0,
+        metadata={"help": "PPO-ptx (InstructGPT): weight of the language-modelling loss on --ptx_dataset."})
+    ptx_batch_size: int = field(default=4, metadata={"help": "PPO-ptx: sequences per optimizer step."})
+    seed: int = field(default=42, metadata={"help": "Seed for adapters, sampling and prompt order."})
 
 
 class ValueModel(nn.Module):
@@ -338,7 +344,7 @@ logger = logging.getLogger("align")
 
 
 @dataclass
-class PPOArguments:
+class PPOArguments(RunArguments):
     dataset_name: str = field(
         default="runs/self_instruct",
         metadata={"help": "Prompts: a dataset with a `prompt` column (text or chat) or `messages` chats (the turns "
@@ -376,10 +382,6 @@ class PPOArguments:
     dtype: str = field(default="auto", metadata={"help": "Weights dtype ('auto', 'float32', 'bfloat16')."})
     save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (and at the end)."})
     sample_steps: int = field(default=5, metadata={"help": "Log prompt/response/score samples every N iterations."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing finished output_dir."})
-    restart: bool = field(
-        default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial instead of resuming it."}
-    )
 
 
 CONFIG_CLASSES = (PPOArguments, PPOSettings)
@@ -624,7 +626,8 @@ def main(argv: list[str] | None = None) -> Path:
     manifest["world_size"] = world
     manifest["finished"] = now_iso()
     write_model_card(adapter, manifest)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if not args.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return output.publish(manifest, keep=["adapter"])
 
 
