@@ -464,19 +464,23 @@ def base_manifest(stage: str, config: dict, inputs: dict[str, str], base_model: 
 # ----------------------------------------------------------------------------- config + CLI plumbing
 
 
-def parse_config(stage: str, dataclass_types: tuple, argv: list[str] | None):
+def parse_config(stage: str, dataclass_types: tuple, argv: list[str] | None, module: str | None = None):
     """Parse ``--config file.yaml`` plus CLI overrides into the given dataclasses (TRL's TrlParser).
 
     Unknown keys (in the YAML or on the command line), unreadable YAML and invalid values raise
-    StageError instead of argparse's usage dump.
+    StageError instead of argparse's usage dump. `stage` is the command after `align` (or a whole command
+    such as "rag eval"); `module` is where `--help` takes its description (default ``align.<stage>``).
     """
     from trl import TrlParser
 
+    command = stage if " " in stage else f"align {stage}"
+
     class _Parser(TrlParser):
         def error(self, message: str):  # argparse would print usage and exit
-            raise StageError(stage, f"{message} — see `align {stage} --help`")
+            raise StageError(stage, f"{message} — see `{command} --help`")
 
-    parser = _Parser(dataclass_types, prog=f"align {stage}", description=_first_paragraph(stage))
+    parser = _Parser(dataclass_types, prog=command,
+                     description=_first_paragraph(module or f"align.{stage.replace('-', '_')}"))
     args = list(argv) if argv is not None else None
     if args is not None and "--config" in args:
         config_path = Path(args[args.index("--config") + 1]) if args.index("--config") + 1 < len(args) else None
@@ -490,12 +494,12 @@ def parse_config(stage: str, dataclass_types: tuple, argv: list[str] | None):
         message = str(exc).splitlines()[0]
         if message.startswith("Some specified arguments are not used"):
             flags = [f for f in re.findall(r"'(--[^']+)'", message)]
-            raise StageError(stage, f"unknown option(s): {', '.join(flags)} — see `align {stage} --help`") from None
+            raise StageError(stage, f"unknown option(s): {', '.join(flags)} — see `{command} --help`") from None
         if message.startswith("Unknown arguments from config file"):
             keys = re.findall(r"'--([^']+)'", message)
             raise StageError(
                 stage, f"unknown key(s) in the config file: {', '.join(keys)} — remove or fix them "
-                f"(`align {stage} --help` lists every option)"
+                f"(`{command} --help` lists every option)"
             ) from None
         raise StageError(stage, f"invalid configuration: {message}") from None
     except Exception as exc:  # noqa: BLE001 - YAML syntax errors and the like
@@ -503,11 +507,11 @@ def parse_config(stage: str, dataclass_types: tuple, argv: list[str] | None):
         raise StageError(stage, f"cannot read the configuration: {first}") from None
 
 
-def _first_paragraph(stage: str) -> str | None:
+def _first_paragraph(module: str) -> str | None:
     import importlib
 
     try:
-        doc = importlib.import_module(f"align.{stage.replace('-', '_')}").__doc__ or ""
+        doc = importlib.import_module(module).__doc__ or ""
     except ImportError:
         return None
     return doc.strip().split("\n\n")[0]

@@ -45,20 +45,22 @@ def chat(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-def run_align(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the `align` command in a fresh interpreter, as a user would."""
+def run_align(*args: str, cwd: Path | None = None, timeout: float = 300,
+              command: str = "align.cli") -> subprocess.CompletedProcess:
+    """Run the `align` command (or another `command` module, e.g. rag.cli) in a fresh interpreter, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "align.cli", *map(str, args)],
+        [sys.executable, "-m", command, *map(str, args)],
         cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
 def kill_after_journal_line(args: list[str], journal: Path, log: Path, env: dict, timeout: float = 180,
-                            lines: int = 1) -> None:
-    """Run `align *args` and SIGKILL it as soon as `journal` exists with `lines` complete lines, as a crash would."""
+                            lines: int = 1, command: str = "align.cli") -> None:
+    """Run `align *args` (or another `command` module) and SIGKILL it as soon as `journal` exists with `lines`
+    complete lines, as a crash would."""
     with open(log, "w") as stderr:  # a file, not a pipe: the progress bar would fill a pipe and block
-        process = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=ROOT, env=env,
+        process = subprocess.Popen([sys.executable, "-m", command, *args], cwd=ROOT, env=env,
                                    stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.time() + timeout
         while not (journal.exists() and journal.read_text().count("\n") >= lines):

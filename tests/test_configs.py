@@ -20,6 +20,7 @@ def test_configs_exist():
     stages = ("self-instruct", "sft", "comparisons", "reward", "ppo")
     assert {f"{stage}.yaml" for stage in stages} | {f"tiny/{stage}.yaml" for stage in stages} <= names
     assert "accelerate/ddp.yaml" in names
+    assert {"rag/eval.yaml", "rag/eval-nq.yaml", "rag/eval-kv.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -33,8 +34,14 @@ def test_config_parses(path: Path, tmp_path):
         config = load_config_from_file(str(path))
         assert config.num_processes >= 1
         return
-    stage = path.stem
-    module = importlib.import_module(f"align.{stage.replace('-', '_')}")
+    if path.parent.name == "rag":  # rag/<command>[-variant].yaml
+        command = path.stem.split("-")[0]
+        module = importlib.import_module({"eval": "rag.evaluate"}[command])
+        stage, launch = f"rag {command}", f"rag {command} --config"
+    else:
+        stage = path.stem
+        module = importlib.import_module(f"align.{stage.replace('-', '_')}")
+        launch = f"align {stage} --config"
     parsed = parse_config(stage, module.CONFIG_CLASSES, ["--config", str(path), "--output_dir", str(tmp_path)])
     assert len(parsed) == len(module.CONFIG_CLASSES)
-    assert f"align {stage} --config" in text or f"-m align.{stage} --config" in text
+    assert launch in text or f"-m align.{stage} --config" in text

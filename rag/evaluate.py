@@ -1,0 +1,442 @@
+"""`rag eval`: how models use retrieved passages — position of the gold passage, number of passages, answer
+similarity and grounding — with intervals and paired tests.
+
+Every model (`--models`, entries `NAME=MODEL` or `NAME=MODEL+ADAPTER[+ADAPTER]`; adapters are merged in order,
+and a PPO output brings in the SFT adapter it was trained on by itself) answers the same seeded subset of
+questions in every cell: `closed_book` (no passages), `oracle` (the gold passage alone) and `documents`
+(k passages, the gold one at each of `gold_positions`, for each k in `num_documents`; distractors are the
+most similar passages without an answer, see `rag.data`). Answers are greedy, batched (left padding, prompts
+sorted by length) and stop at the first newline.
+
+Scored per answer: best_subspan_em (primary: a normalised alias occurs in the first line) and exact match;
+embedding cosine to the best alias and the calibrated probability that the answer means the same
+(`--calibration` from `rag calibrate`, otherwise fitted on pairs built from the benchmark's records); and the
+grounding check of `rag.hallucination` against the passages shown. Every rate carries a Wilson 95% interval;
+positions (within a model and k) and models (within a cell) are compared with McNemar's exact test on the
+paired questions.
+
+Writes `<output_dir>/summary.json`, `report.md`, `plots/accuracy_by_position.png`,
+`plots/accuracy_by_num_documents.png`, `examples/` (a dataset: one row per model x cell x question with the
+prompt, output and every metric) and `manifest.json`. Answers are journaled in `<output_dir>.partial/
+journal.jsonl` as they are generated: re-running the same command after a crash resumes where it stopped.
+
+    rag eval --config configs/rag-eval.yaml                 # the team's RAG set, default model, minutes on a CPU
+    rag eval --config configs/rag-eval-nq.yaml              # 200 NQ-open questions, k = 10, gold at 0 / 4 / 9
+    rag eval --config configs/rag-eval.yaml --models base=smollm2-135m-instruct sft=smollm2-135m-instruct+runs/sft
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.common import (
+    StageError,
+    StageOutput,
+    base_manifest,
+    now_iso,
+    parse_config,
+    run_stage,
+    save_dataset_atomic,
+    write_json_atomic,
+)
+from rag.position import ARMS, Cell, plan_cells, select_questions
+
+STAGE = "rag eval"
+BENCHMARKS = ("qa", "kv")
+logger = logging.getLogger("align")
+
+QA_INSTRUCTION = "Answer the question using the documents below. Reply with the answer only: a few words, no " \
+                 "explanation."
+CLOSED_BOOK_INSTRUCTION = "Answer the question. Reply with the answer only: a few words, no explanation."
+KV_INSTRUCTION = "Below is a JSON object of key-value pairs. Reply with the value of the requested key only."
+
+
+@dataclass
+class EvalArguments:
+    benchmark: str = field(default="qa", metadata={"help": "qa (questions with a gold passage, Lost-in-the-Middle "
+                                                          "format) or kv (key-value retrieval records)."})
+    records: str = field(default="data/rag/questions.jsonl", metadata={"help": "The benchmark records: JSONL(.gz), "
+                                                                               "JSON or a saved dataset."})
+    corpus: str | None = field(default=None, metadata={"help": "qa: extra distractor passages (rows with `text`, "
+                                                                "`title`); the records' own passages are always in."})
+    models: list[str] = field(default_factory=lambda: ["base=smollm2-135m-instruct"],
+                              metadata={"help": "Models side by side: NAME=MODEL or NAME=MODEL+ADAPTER[+ADAPTER...] "
+                                                "(a model alias, directory or hub id; adapters = stage outputs)."})
+    arms: list[str] = field(default_factory=lambda: list(ARMS),
+                            metadata={"help": "Cells to run: closed_book, oracle, documents."})
+    num_documents: list[int] = field(default_factory=lambda: [10], metadata={"help": "k values (documents arm)."})
+    gold_positions: list[str] = field(default_factory=lambda: ["first", "middle", "last"],
+                                      metadata={"help": "Gold positions for every k: 0-based indices or "
+                                                        "first/middle/last."})
+    num_questions: int | None = field(default=None, metadata={"help": "A seeded subset of N questions, the same in "
+                                                                       "every cell (default: all)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the question subset and of calibration pairs."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Longest answer, in tokens."})
+    dtype: str = field(default="auto", metadata={"help": "Model weights dtype: auto, float32, bfloat16."})
+    embedding_model: str = field(default="all-minilm-l6-v2", metadata={"help": "Embeddings for distractors, "
+                                                                              "similarity and grounding."})
+    calibration: str | None = field(default=None, metadata={"help": "A `rag calibrate` output (default: fit one on "
+                                                                     "pairs built from the records)."})
+    grounding_threshold: float = field(default=0.6, metadata={"help": "Cosine a passage sentence needs to support a "
+                                                                       "claim."})
+    nli_model: str | None = field(default=None, metadata={"help": "A local CrossEncoder NLI directory: entailment "
+                                                                   "decides support instead of cosine."})
+    output_dir: str = field(default="runs/rag-eval", metadata={"help": "Where the report goes."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
+    restart: bool = field(default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial."})
+
+
+CONFIG_CLASSES = (EvalArguments,)
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    model: str
+    adapters: list[str]
+
+
+def parse_models(entries: Sequence[str], stage: str = STAGE) -> list[ModelSpec]:
+    """`NAME=MODEL[+ADAPTER...]` entries (a bare MODEL is named after itself); names must be unique."""
+    specs = []
+    for entry in entries:
+        name, _, target = entry.partition("=") if "=" in entry else (entry, "", entry)
+        parts = [p.strip() for p in target.split("+")]
+        if not name.strip() or not all(parts):
+            raise StageError(stage, f"bad model entry {entry!r} — write NAME=MODEL or NAME=MODEL+ADAPTER")
+        specs.append(ModelSpec(name.strip(), parts[0], parts[1:]))
+    names = [s.name for s in specs]
+    if not specs or len(set(names)) < len(names):
+        raise StageError(stage, f"models need unique names, got {names}")
+    return specs
+
+
+def adapter_chain(adapters: Sequence[str]) -> list[str]:
+    """Adapters to merge in order: a PPO output is preceded by the SFT adapter named in its manifest."""
+    from align.models import adapter_dir
+
+    chain: list[str] = []
+    for adapter in adapters:
+        stage_dir = adapter_dir(adapter).parent if adapter_dir(adapter).name == "adapter" else Path(adapter)
+        try:
+            manifest = json.loads((stage_dir / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+        sft = (manifest.get("depends_on") or {}).get("sft_adapter")
+        if manifest.get("stage") == "ppo" and sft and sft not in chain:
+            chain.append(sft)
+        chain.append(adapter)
+    return chain
+
+
+def check_prompt_lengths(specs: Sequence[ModelSpec], tasks: list[dict], args: EvalArguments) -> None:
+    """Fail before any work when the longest prompt plus the answer does not fit a model's context."""
+    from transformers import AutoConfig
+
+    from align.models import load_tokenizer, resolve_model
+
+    longest = max(tasks, key=lambda t: len(t["prompt"]))["prompt"]  # by characters; tokens follow closely
+    for spec in specs:
+        path = resolve_model(spec.model, STAGE)
+        tokenizer = load_tokenizer(path, STAGE)
+        text = render_prompt(tokenizer, args.benchmark, longest)
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        try:
+            limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+        except (OSError, ValueError):
+            limit = None
+        if limit and tokens + args.max_new_tokens > limit:
+            raise StageError(STAGE, f"the longest prompt is {tokens} tokens; with max_new_tokens={args.max_new_tokens} "
+                             f"that is more than model {spec.name} takes ({limit}) — lower num_documents")
+
+
+def load_model(spec: ModelSpec, dtype: str, device: str):
+    from align.models import load_causal_lm, load_tokenizer, merge_adapter, resolve_model
+
+    path = resolve_model(spec.model, STAGE)
+    tokenizer = load_tokenizer(path, STAGE)
+    model = load_causal_lm(path, dtype=None if dtype == "auto" else dtype, stage=STAGE)
+    for adapter in adapter_chain(spec.adapters):
+        model = merge_adapter(model, adapter, stage=STAGE)
+    return model.to(device).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def context_passages(benchmark: str, ctxs: Sequence) -> list[str]:
+    """The passages shown, as plain text, for the grounding check."""
+    if benchmark == "kv":
+        return [f"{key}: {value}" for key, value in ctxs]
+    return [f"{c['title']}. {c['text']}" if c["title"] else c["text"] for c in ctxs]
+
+
+def prompt_text(benchmark: str, question: str, ctxs: Sequence) -> str:
+    """The user message: instruction, passages (if any), question."""
+    if benchmark == "kv":
+        data = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in ctxs) + "\n}"
+        return f"{KV_INSTRUCTION}\n\nJSON data:\n{data}\n\nKey: {json.dumps(question)}"
+    if not ctxs:
+        return f"{CLOSED_BOOK_INSTRUCTION}\n\nQuestion: {question}"
+    documents = "\n".join(f"Document [{i}] (Title: {c['title']}) {c['text']}" for i, c in enumerate(ctxs, start=1))
+    return f"{QA_INSTRUCTION}\n\n{documents}\n\nQuestion: {question}"
+
+
+def render_prompt(tokenizer, benchmark: str, text: str) -> str:
+    """As a chat turn when the tokenizer has a chat template; otherwise plain text ending where the answer goes."""
+    if tokenizer.chat_template:
+        from align.generation import render_chat
+
+        return render_chat(tokenizer, [{"role": "user", "content": text}])
+    return f"{text}\n{'Value' if benchmark == 'kv' else 'Answer'}:"
+
+
+# ----------------------------------------------------------------------------- contexts
+
+
+def build_cell_contexts(args: EvalArguments, records: list[dict], cells: list[Cell], embedder) -> dict[str, list]:
+    """{cell key: the context shown with each record}: [] closed-book, [gold] oracle, k passages/pairs."""
+    from rag.data import DistractorMiner, build_contexts, gold_passage, kv_context, load_corpus
+
+    contexts: dict[str, list] = {}
+    documents = [c for c in cells if c.arm == "documents"]
+    if args.benchmark == "kv":
+        for cell in cells:
+            if cell.arm == "closed_book":
+                contexts[cell.key] = [[] for _ in records]
+            elif cell.arm == "oracle":
+                contexts[cell.key] = [[[r["question"], r["answers"][0]]] for r in records]
+            else:
+                contexts[cell.key] = [kv_context(r, cell.num_documents, cell.gold_position, STAGE) for r in records]
+        return contexts
+    for cell in cells:
+        if cell.arm == "closed_book":
+            contexts[cell.key] = [[] for _ in records]
+        elif cell.arm == "oracle":
+            contexts[cell.key] = [[gold_passage(r).as_ctx(True, True)] for r in records]
+    if documents:
+        corpus = load_corpus(args.corpus, records, STAGE)
+        miner = DistractorMiner(corpus, embedder.encode)
+        for k in sorted({c.num_documents for c in documents}):
+            positions = [c.gold_position for c in documents if c.num_documents == k]
+            for position, built in build_contexts(records, miner, k, positions, STAGE).items():
+                contexts[f"k{k}_gold{position}"] = [r["ctxs"] for r in built]
+    return contexts
+
+
+# ----------------------------------------------------------------------------- journal
+
+
+def read_journal(path: Path) -> dict[tuple[str, str, str], dict]:
+    """Answers of an interrupted run keyed by (model, cell, question id); a torn last line is dropped."""
+    done: dict[tuple[str, str, str], dict] = {}
+    if not path.exists():
+        return done
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+            key = (entry["model"], entry["cell"], entry["question_id"])
+            value = {"output": str(entry["output"]), "truncated": bool(entry["truncated"])}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if key not in done:
+            done[key] = value
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return done
+
+
+def generate_answers(spec: ModelSpec, tasks: list[dict], args: EvalArguments, journal: Path,
+                     done: dict, device: str) -> None:
+    """Answer every task of one model that the journal does not hold yet, longest prompts first, in batches."""
+    from tqdm import tqdm
+
+    pending = [t for t in tasks if (spec.name, t["cell"], t["question_id"]) not in done]
+    if not pending:
+        return
+    model, tokenizer = load_model(spec, args.dtype, device)
+    texts = [render_prompt(tokenizer, args.benchmark, t["prompt"]) for t in pending]
+    with open(journal, "a", encoding="utf-8") as handle, \
+            tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc=f"answering ({spec.name})",
+                 unit="answer") as progress:
+        for batch, outputs in answer_batches(model, tokenizer, texts, args.batch_size, args.max_new_tokens):
+            for i, generation in zip(batch, outputs, strict=True):
+                task = pending[i]
+                entry = {"model": spec.name, "cell": task["cell"], "question_id": task["question_id"],
+                         "output": generation.text, "truncated": generation.truncated}
+                done[(spec.name, task["cell"], task["question_id"])] = entry
+                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            progress.update(len(batch))
+    del model
+
+
+def answer_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_new_tokens: int):
+    """Greedy short answers: yields (indices into `texts`, their Generations) batch by batch, longest prompts
+    first (similar lengths share a batch, so little padding; the largest batch comes first, so a memory error
+    shows at once). Each answer ends at its first newline."""
+    from align.generation import GenerationSettings, generate
+
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    settings = GenerationSettings(temperature=0.0, max_new_tokens=max_new_tokens, stop=("\n",))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        yield batch, [group[0] for group in generate(model, tokenizer, [texts[i] for i in batch], settings)]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_examples(rows: list[dict], embedder, calibrator, checker) -> None:
+    """Add the correctness, similarity and grounding fields to each example row (in place)."""
+    from rag.metrics import best_subspan_em, exact_match
+    from rag.similarity import alias_similarity
+
+    similarities = alias_similarity(embedder, [r["output"] for r in rows], [r["answers"] for r in rows])
+    probabilities = calibrator(similarities).tolist()
+    grounding = checker.check_many([r["output"] for r in rows], [r["passages"] for r in rows])
+    for row, similarity, probability, check in zip(rows, similarities, probabilities, grounding, strict=True):
+        row["best_subspan_em"] = best_subspan_em(row["output"], row["answers"])
+        row["exact_match"] = exact_match(row["output"], row["answers"])
+        row["similarity"] = round(similarity, 6)
+        row["p_same"] = round(float(probability), 6)
+        row["grounding_status"] = check["status"]
+        row["unsupported_rate"] = check["unsupported_rate"]
+        row["hallucinated"] = check["hallucinated"]
+        row["claims"] = json.dumps(check["claims"], ensure_ascii=False)
+
+
+def calibration_for(args: EvalArguments, records: list[dict], embedder):
+    """The configured calibration, or one fitted on pairs built from the benchmark's records."""
+    from rag.similarity import Calibrator, fit_calibration, pairs_from_records
+
+    if args.calibration:
+        return Calibrator.load(args.calibration, STAGE), {"source": args.calibration}
+    if args.benchmark == "kv":  # identifiers: the same or not, nothing in between
+        return Calibrator("isotonic", {"x": [0.0, 0.999, 1.0], "y": [0.0, 0.0, 1.0]}), {"source": "exact identity"}
+    pairs = pairs_from_records(records[:500], args.seed)
+    calibrator, metrics, _ = fit_calibration(pairs, embedder, "isotonic", 0.3, args.seed, STAGE)
+    return calibrator, {"source": f"fitted on {len(pairs)} pairs built from {args.records}", **metrics}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def validate(args: EvalArguments) -> tuple[list[ModelSpec], list[Cell]]:
+    """Everything that can be checked before loading a model; errors are one line, exit code 2."""
+    from align.models import adapter_dir, resolve_model
+
+    if args.benchmark not in BENCHMARKS:
+        raise StageError(STAGE, f"unknown benchmark {args.benchmark!r} — choose qa or kv")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise StageError(STAGE, "batch_size and max_new_tokens must be at least 1")
+    if args.num_questions is not None and args.num_questions < 1:
+        raise StageError(STAGE, "num_questions must be at least 1")
+    cells = plan_cells(args.arms, args.num_documents, args.gold_positions, STAGE)
+    specs = parse_models(args.models)
+    for spec in specs:
+        resolve_model(spec.model, STAGE)
+        for adapter in spec.adapters:
+            if not (adapter_dir(adapter) / "adapter_config.json").exists():
+                raise StageError(STAGE, f"model {spec.name}: no adapter at {adapter} — pass a training stage's output")
+    return specs, cells
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import torch
+    from datasets import Dataset
+
+    from rag import report
+    from rag.data import load_kv_records, load_records
+    from rag.hallucination import GroundingChecker
+    from rag.retrieval import Embedder
+
+    (args,) = parse_config(STAGE, (EvalArguments,), argv, module="rag.evaluate")
+    specs, cells = validate(args)
+    config = dataclasses.asdict(args)
+    output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
+                         restart=args.restart)
+    output.check()
+    started = now_iso()
+    records = load_kv_records(args.records, STAGE) if args.benchmark == "kv" else load_records(args.records, STAGE)
+    if args.num_questions and args.num_questions > len(records):
+        logger.warning("num_questions=%d but %s has %d records: using all", args.num_questions, args.records,
+                       len(records))
+    chosen = [records[i] for i in select_questions(len(records), args.num_questions, args.seed)]
+    if args.benchmark == "qa" and "documents" in args.arms and max(args.num_documents) > 1:
+        from rag.data import load_corpus
+
+        corpus_size = len(load_corpus(args.corpus, records, STAGE))
+        if max(args.num_documents) > corpus_size:
+            raise StageError(STAGE, f"{max(args.num_documents)} documents per context but the corpus has only "
+                             f"{corpus_size} passages — lower num_documents or pass a larger corpus")
+    embedder = Embedder(args.embedding_model, stage=STAGE)
+    contexts = build_cell_contexts(args, chosen, cells, embedder)
+    tasks = [{"cell": cell.key, "question_id": record["id"],
+              "prompt": prompt_text(args.benchmark, record["question"], contexts[cell.key][i])}
+             for cell in cells for i, record in enumerate(chosen)]
+
+    check_prompt_lengths(specs, tasks, args)
+    calibrator, calibration = calibration_for(args, records, embedder)
+    try:
+        checker = GroundingChecker(embedder, args.grounding_threshold, args.nli_model)
+    except (OSError, ValueError) as exc:
+        raise StageError(STAGE, f"cannot use {args.nli_model} as an NLI model: {str(exc).splitlines()[0]}") from None
+
+    partial = output.open()
+    journal = partial / "journal.jsonl"
+    done = read_journal(journal)
+    if done:
+        logger.info("resuming: %d of %d answers already in %s", len(done), len(tasks) * len(specs), journal)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for spec in specs:
+        generate_answers(spec, tasks, args, journal, done, device)
+
+    by_cell = {cell.key: cell for cell in cells}
+    index = {record["id"]: i for i, record in enumerate(chosen)}
+    rows = []
+    for spec in specs:
+        for task in tasks:
+            cell, i = by_cell[task["cell"]], index[task["question_id"]]
+            answer = done[(spec.name, task["cell"], task["question_id"])]
+            rows.append({"model": spec.name, "cell": cell.key, "arm": cell.arm, "num_documents": cell.num_documents,
+                         "gold_position": cell.gold_position, "question_id": task["question_id"],
+                         "question": chosen[i]["question"], "answers": chosen[i]["answers"], "prompt": task["prompt"],
+                         "passages": context_passages(args.benchmark, contexts[cell.key][i]), **answer})
+    score_examples(rows, embedder, calibrator, checker)
+
+    summary = report.summarize(rows, specs, cells, calibration, args, len(chosen))
+    save_dataset_atomic(Dataset.from_list(rows), partial / "examples")
+    write_json_atomic(partial / "summary.json", summary)
+    report.plot(summary, partial / "plots")
+    (partial / "report.md").write_text(report.markdown(summary), encoding="utf-8")
+    inputs = {"records": args.records, **({"corpus": args.corpus} if args.corpus else {}),
+              **{f"adapter_{spec.name}_{n}": a for spec in specs for n, a in enumerate(adapter_chain(spec.adapters))}}
+    manifest = base_manifest(STAGE, config, inputs, {s.name: {"model": s.model, "adapters": adapter_chain(s.adapters)}
+                                                     for s in specs}, started)
+    manifest["outputs"] = {"summary": "summary.json", "report": "report.md", "plots": "plots", "examples": "examples",
+                           "journal": "journal.jsonl"}
+    manifest["metrics"] = {name: {cell: values["accuracy"]["rate"] for cell, values in cells_.items()}
+                           for name, cells_ in summary["accuracy_by_model"].items()}
+    manifest["finished"] = now_iso()
+    final = output.publish(manifest, keep=["summary.json", "report.md", "plots", "examples"])
+    print(report.headline(summary, final))
+    return final
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_stage(STAGE, main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
