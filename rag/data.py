@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from align.common import StageError, parse_json_lines, read_text
-from rag.metrics import contains_answer
+from rag.metrics import best_subspan_em
 
 POSITION_WORDS = ("first", "middle", "last")
 
@@ -87,18 +87,30 @@ def load_records(path: str | os.PathLike, stage: str, require_gold: bool = True)
                                                  for c in ctxs):
             raise StageError(stage, f"{where}: `ctxs` must be a list of passages with a `text` string")
         golds = [c for c in ctxs if c.get("isgold")]
+        if golds and not isinstance(golds[0].get("text"), str):
+            raise StageError(stage, f"{where}: the gold passage has no `text`")
         if require_gold and not golds:
             raise StageError(stage, f"{where}: no gold passage for {question!r} (no ctx with \"isgold\": true) — "
                              "use a file with gold passages, such as nq-open-oracle")
         records.append({
-            "id": str(row.get("id") or index + 1),
+            "id": str(row["id"]) if row.get("id") is not None else str(index + 1),
             "question": question.strip(),
             "answers": [a for a in answers if isinstance(a, str) and a.strip()],
             "ctxs": [{"title": c.get("title") or "", "text": c["text"], "isgold": bool(c.get("isgold")),
                       "hasanswer": bool(c.get("hasanswer"))} for c in ctxs],
         })
+    return _unique_ids(records, path, stage)
+
+
+def _unique_ids(records: list[dict], path, stage: str) -> list[dict]:
+    """Records are paired across cells and models by id: two records with one id would be mixed up."""
     if not records:
         raise StageError(stage, f"{path} holds no records")
+    seen: set[str] = set()
+    for record in records:
+        if record["id"] in seen:
+            raise StageError(stage, f"{path}: two records have the id {record['id']!r} — ids must be unique")
+        seen.add(record["id"])
     return records
 
 
@@ -174,7 +186,7 @@ class DistractorMiner:
             still = []
             for row, i in zip(indices.tolist(), pending, strict=True):
                 chosen = [self.corpus[j] for j in row if j >= 0 and self.corpus[j].key != excluded[i].key
-                          and not contains_answer(passage_text(self.corpus[j]), answers[i])][:count]
+                          and not mentions_answer(passage_text(self.corpus[j]), answers[i])][:count]
                 if len(chosen) == count:
                     results[i] = chosen
                 elif width >= len(self.corpus):
@@ -186,6 +198,12 @@ class DistractorMiner:
                     still.append(i)
             pending, width = still, min(len(self.corpus), width * 4)
         return results  # type: ignore[return-value]
+
+
+def mentions_answer(text: str, answers: Sequence[str]) -> bool:
+    """Whether a passage would give an answer away under the scoring rule itself (a normalised alias as a
+    substring, as best_subspan_em tests outputs), so a distractor copied into an answer never scores."""
+    return best_subspan_em(" ".join(text.split()), answers) == 1.0
 
 
 def insert_gold(gold: Passage, distractors: Sequence[Passage], position: int) -> list[dict]:
@@ -213,16 +231,17 @@ def load_kv_records(path: str | os.PathLike, stage: str) -> list[dict]:
     """Key-value retrieval records: `question` is the key, `answers` its value, `pairs` every (key, value)."""
     records = []
     for index, (where, row) in enumerate(_read_rows(path, stage)):
-        pairs, key, value = row.get("ordered_kv_records"), row.get("key"), row.get("value")
-        if not isinstance(pairs, list) or not isinstance(key, str) or not isinstance(value, str):
-            raise StageError(stage, f"{where}: a key-value record needs `ordered_kv_records`, `key` and `value`")
+        pairs, key, value = (row.get("ordered_kv_records"), row.get("key"), row.get("value")) \
+            if isinstance(row, dict) else (None, None, None)
+        if not isinstance(pairs, list) or not isinstance(key, str) or not isinstance(value, str) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+            raise StageError(stage, f"{where}: a key-value record needs `ordered_kv_records` ([key, value] string "
+                             "pairs), `key` and `value`")
         if [key, value] not in [list(p) for p in pairs]:
             raise StageError(stage, f"{where}: the pair for key {key!r} is not among `ordered_kv_records`")
-        records.append({"id": str(row.get("id") or index + 1), "question": key, "answers": [value],
-                        "pairs": [list(p) for p in pairs]})
-    if not records:
-        raise StageError(stage, f"{path} holds no records")
-    return records
+        records.append({"id": str(row["id"]) if row.get("id") is not None else str(index + 1), "question": key,
+                        "answers": [value], "pairs": [list(p) for p in pairs]})
+    return _unique_ids(records, path, stage)
 
 
 def kv_context(record: dict, k: int, position: int, stage: str) -> list[list[str]]:

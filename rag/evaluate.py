@@ -20,9 +20,9 @@ Writes `<output_dir>/summary.json`, `report.md`, `plots/accuracy_by_position.png
 prompt, output and every metric) and `manifest.json`. Answers are journaled in `<output_dir>.partial/
 journal.jsonl` as they are generated: re-running the same command after a crash resumes where it stopped.
 
-    rag eval --config configs/rag-eval.yaml                 # the team's RAG set, default model, minutes on a CPU
-    rag eval --config configs/rag-eval-nq.yaml              # 200 NQ-open questions, k = 10, gold at 0 / 4 / 9
-    rag eval --config configs/rag-eval.yaml --models base=smollm2-135m-instruct sft=smollm2-135m-instruct+runs/sft
+    rag eval --config configs/rag/eval.yaml                 # the team's RAG set, default model, minutes on a CPU
+    rag eval --config configs/rag/eval-nq.yaml              # 200 NQ-open questions, k = 10, gold at 0 / 4 / 9
+    rag eval --config configs/rag/eval.yaml --models base=smollm2-135m-instruct sft=smollm2-135m-instruct+runs/sft
 """
 
 from __future__ import annotations
@@ -123,6 +123,14 @@ def adapter_chain(adapters: Sequence[str]) -> list[str]:
     from align.models import adapter_dir
 
     chain: list[str] = []
+    seen: set[Path] = set()
+
+    def add(adapter: str) -> None:
+        key = adapter_dir(adapter).resolve()
+        if key not in seen:  # the same adapter named twice (or by two paths) is merged once
+            seen.add(key)
+            chain.append(adapter)
+
     for adapter in adapters:
         stage_dir = adapter_dir(adapter).parent if adapter_dir(adapter).name == "adapter" else Path(adapter)
         try:
@@ -130,9 +138,9 @@ def adapter_chain(adapters: Sequence[str]) -> list[str]:
         except (OSError, json.JSONDecodeError):
             manifest = {}
         sft = (manifest.get("depends_on") or {}).get("sft_adapter")
-        if manifest.get("stage") == "ppo" and sft and sft not in chain:
-            chain.append(sft)
-        chain.append(adapter)
+        if manifest.get("stage") == "ppo" and sft:
+            add(sft)
+        add(adapter)
     return chain
 
 
@@ -201,8 +209,11 @@ def render_prompt(tokenizer, benchmark: str, text: str) -> str:
 # ----------------------------------------------------------------------------- contexts
 
 
-def build_cell_contexts(args: EvalArguments, records: list[dict], cells: list[Cell], embedder) -> dict[str, list]:
-    """{cell key: the context shown with each record}: [] closed-book, [gold] oracle, k passages/pairs."""
+def build_cell_contexts(args: EvalArguments, records: list[dict], cells: list[Cell], embedder,
+                        corpus: list | None = None) -> dict[str, list]:
+    """{cell key: the context shown with each record}: [] closed-book, [gold] oracle, k passages/pairs.
+    Distractors come from `corpus` (default: the corpus file plus the passages of `records`); pass the corpus
+    of every record of the benchmark when `records` is a subset, as `rag eval` and `rag build` do."""
     from rag.data import DistractorMiner, build_contexts, gold_passage, kv_context, load_corpus
 
     contexts: dict[str, list] = {}
@@ -222,7 +233,7 @@ def build_cell_contexts(args: EvalArguments, records: list[dict], cells: list[Ce
         elif cell.arm == "oracle":
             contexts[cell.key] = [[gold_passage(r).as_ctx(True, True)] for r in records]
     if documents:
-        corpus = load_corpus(args.corpus, records, STAGE)
+        corpus = corpus if corpus is not None else load_corpus(args.corpus, records, STAGE)
         miner = DistractorMiner(corpus, embedder.encode)
         for k in sorted({c.num_documents for c in documents}):
             positions = [c.gold_position for c in documents if c.num_documents == k]
@@ -250,7 +261,9 @@ def read_journal(path: Path) -> dict[tuple[str, str, str], dict]:
         if key not in done:
             done[key] = value
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")  # a kill while rewriting must not lose the journal
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
     return done
 
 
@@ -349,6 +362,10 @@ def validate(args: EvalArguments) -> tuple[list[ModelSpec], list[Cell]]:
         for adapter in spec.adapters:
             if not (adapter_dir(adapter) / "adapter_config.json").exists():
                 raise StageError(STAGE, f"model {spec.name}: no adapter at {adapter} — pass a training stage's output")
+        for adapter in adapter_chain(spec.adapters):  # e.g. the SFT adapter a PPO output names
+            if not (adapter_dir(adapter) / "adapter_config.json").exists():
+                raise StageError(STAGE, f"model {spec.name}: the SFT adapter {adapter} its PPO adapter was trained on "
+                                 "is missing — pass it explicitly: NAME=MODEL+SFT+PPO")
     return specs, cells
 
 
@@ -364,7 +381,9 @@ def main(argv: list[str] | None = None) -> Path:
     (args,) = parse_config(STAGE, (EvalArguments,), argv, module="rag.evaluate")
     specs, cells = validate(args)
     config = dataclasses.asdict(args)
-    output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
+    # What an unfinished run must share with its re-run: the answers. Not how they were batched or launched.
+    resume_config = {k: v for k, v in config.items() if k not in ("restart", "overwrite_output_dir", "batch_size")}
+    output = StageOutput(STAGE, Path(args.output_dir), resume_config, overwrite=args.overwrite_output_dir,
                          restart=args.restart)
     output.check()
     started = now_iso()
@@ -373,15 +392,16 @@ def main(argv: list[str] | None = None) -> Path:
         logger.warning("num_questions=%d but %s has %d records: using all", args.num_questions, args.records,
                        len(records))
     chosen = [records[i] for i in select_questions(len(records), args.num_questions, args.seed)]
-    if args.benchmark == "qa" and "documents" in args.arms and max(args.num_documents) > 1:
+    corpus = None
+    if args.benchmark == "qa" and "documents" in args.arms:
         from rag.data import load_corpus
 
-        corpus_size = len(load_corpus(args.corpus, records, STAGE))
-        if max(args.num_documents) > corpus_size:
+        corpus = load_corpus(args.corpus, records, STAGE)  # distractors from every record, not only the subset
+        if max(args.num_documents) > len(corpus):
             raise StageError(STAGE, f"{max(args.num_documents)} documents per context but the corpus has only "
-                             f"{corpus_size} passages — lower num_documents or pass a larger corpus")
+                             f"{len(corpus)} passages — lower num_documents or pass a larger corpus")
     embedder = Embedder(args.embedding_model, stage=STAGE)
-    contexts = build_cell_contexts(args, chosen, cells, embedder)
+    contexts = build_cell_contexts(args, chosen, cells, embedder, corpus)
     tasks = [{"cell": cell.key, "question_id": record["id"],
               "prompt": prompt_text(args.benchmark, record["question"], contexts[cell.key][i])}
              for cell in cells for i, record in enumerate(chosen)]

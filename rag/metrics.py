@@ -87,7 +87,7 @@ def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> dict:
     Returns:
         `only_first` (b: first right, second wrong), `only_second` (c), `p_value` (two-sided exact binomial
         test of b against Binomial(b + c, 1/2); 1.0 when there is no discordant pair) and `statistic` (the
-        continuity-corrected chi-square (|b - c| - 1)^2 / (b + c), 0.0 with no discordant pair).
+        continuity-corrected chi-square max(0, |b - c| - 1)^2 / (b + c), 0.0 with no discordant pair).
     """
     if len(first) != len(second):
         raise ValueError(f"paired outcomes need equal lengths, got {len(first)} and {len(second)}")
@@ -98,7 +98,7 @@ def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> dict:
         return {"only_first": 0, "only_second": 0, "p_value": 1.0, "statistic": 0.0}
     tail = Fraction(sum(math.comb(n, i) for i in range(min(b, c) + 1)), 2 ** n)  # exact, no overflow
     return {"only_first": b, "only_second": c, "p_value": float(min(Fraction(1), 2 * tail)),
-            "statistic": (abs(b - c) - 1) ** 2 / n}
+            "statistic": max(0, abs(b - c) - 1) ** 2 / n}
 
 
 # ----------------------------------------------------------------------------- probabilities

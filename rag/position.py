@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> Path:
     from rag.retrieval import Embedder
 
     (args,) = parse_config(STAGE, (BuildArguments,), argv, module="rag.position")
+    if args.num_questions is not None and args.num_questions < 1:
+        raise StageError(STAGE, f"num_questions must be at least 1, got {args.num_questions}")
     cells = plan_cells(["documents"], args.num_documents, args.gold_positions, STAGE)
     config = dataclasses.asdict(args)
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir, restart=True)

@@ -54,8 +54,13 @@ def summarize(rows: list[dict], specs, cells, calibration: dict, args, questions
                 {c.gold_position for c in documents if c.num_documents == k})}
         summary["accuracy_by_num_documents"][m] = per_k
 
-    def correct(model: str, cell: str) -> list[bool]:
-        return [bool(r["best_subspan_em"]) for r in grouped[(model, cell)]]
+    question_ids = [r["question_id"] for r in grouped[(models[0], cells[0].key)]]
+    outcomes = {key: {r["question_id"]: bool(r["best_subspan_em"]) for r in group} for key, group in grouped.items()}
+    if any(set(o) != set(question_ids) for o in outcomes.values()):
+        raise AssertionError("every model and cell must hold the same questions")
+
+    def correct(model: str, cell: str) -> list[bool]:  # in one question order, so paired tests pair questions
+        return [outcomes[(model, cell)][q] for q in question_ids]
 
     for m in models:
         for k in sorted({c.num_documents for c in documents}):
@@ -103,7 +108,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {cell['label']} | " + " | ".join(_rate(acc[m][cell['key']]['accuracy']) for m in models)
                      + " |")
     if any(summary["accuracy_by_num_documents"].get(m) for m in models):
-        lines += ["", "Pooled over gold positions, per number of documents:", "",
+        lines += ["", "Pooled over gold positions, per number of documents (the interval treats each question at each "
+                  "position as a separate trial, so it is narrower than a per-question one):", "",
                   "| documents | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
         ks = sorted({k for m in models for k in summary["accuracy_by_num_documents"][m]}, key=int)
         for k in ks:

@@ -83,6 +83,9 @@ def build_index(vectors: np.ndarray, settings: IndexSettings, stage: str = STAGE
             raise StageError(stage, f"ivfpq needs at least 256 passages to train its codebooks, the corpus has {n} "
                              "— use --index flat")
         nlist = settings.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+        if nlist > n // 39:
+            raise StageError(stage, f"nlist={nlist} needs at least {39 * nlist} passages to train (the corpus has {n})"
+                             " — lower --nlist")
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, settings.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         index.nprobe = min(settings.nprobe, nlist)
@@ -132,6 +135,8 @@ def evaluate_retrieval(args: RetrievalArguments) -> dict:
         raise StageError(STAGE, f"unknown index {args.index!r} — choose one of {', '.join(INDEX_KINDS)}")
     if not args.cutoffs or min(args.cutoffs) < 1:
         raise StageError(STAGE, "cutoffs must be positive integers")
+    if args.limit is not None and args.limit < 1:
+        raise StageError(STAGE, f"limit must be at least 1, got {args.limit}")
     records = load_records(args.records, STAGE)[:args.limit]
     corpus: list[Passage] = load_corpus(args.corpus, records, STAGE)
     position = {passage.key: i for i, passage in enumerate(corpus)}
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['passages_per_s_embedded']:.0f} passages/s, index built in "
           f"{result['seconds']['build_index']:.2f} s")
     if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(args.output_json), result)
     else:
         logger.debug(json.dumps(result))

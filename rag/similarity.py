@@ -35,7 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from align.common import StageError, StageOutput, base_manifest, now_iso, parse_config, run_stage, write_json_atomic
-from rag.metrics import brier_score, contains_answer, expected_calibration_error, first_line, roc_auc
+from rag.metrics import (
+    brier_score,
+    contains_answer,
+    expected_calibration_error,
+    first_line,
+    normalize_answer,
+    roc_auc,
+)
 
 STAGE = "rag calibrate"
 METHODS = ("isotonic", "logistic")
@@ -100,8 +107,13 @@ class Calibrator:
         file = path / CALIBRATION_FILE if path.is_dir() else path
         try:
             data = json.loads(file.read_text())
-            return cls(data.pop("method"), data)
-        except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
+            method = data.pop("method")
+            needed = {"isotonic": ("x", "y"), "logistic": ("slope", "intercept")}.get(method, ())
+            missing = [key for key in needed if key not in data]
+            if missing:
+                raise KeyError(", ".join(missing))
+            return cls(method, data)
+        except (OSError, json.JSONDecodeError, KeyError, ValueError, AttributeError) as exc:
             raise StageError(stage, f"cannot read a calibration from {file} ({exc}) — pass a `rag calibrate` "
                              "output directory") from None
 
@@ -171,6 +183,7 @@ def pairs_from_file(path: str | Path, stage: str = STAGE) -> list[dict]:
 
     pairs = []
     for where, row in _read_rows(path, stage):
+        row = row if isinstance(row, dict) else {}
         references = row.get("references", row.get("reference"))
         references = [references] if isinstance(references, str) else references
         if not isinstance(row.get("answer"), str) or not isinstance(references, list) or not references \
@@ -178,7 +191,8 @@ def pairs_from_file(path: str | Path, stage: str = STAGE) -> list[dict]:
             raise StageError(stage, f"{where}: a labelled pair needs `answer` (string), `references` (list of "
                              "strings) or `reference`, and `label` (0 or 1)")
         pairs.append({"answer": row["answer"], "references": [str(r) for r in references], "label": int(row["label"]),
-                      "kind": "given", "group": str(row.get("group", where))})
+                      "kind": "given", "group": str(row.get("group") or "|".join(sorted(map(normalize_answer,
+                                                                                           references))))})
     return pairs
 
 
@@ -298,9 +312,11 @@ def main(argv: list[str] | None = None) -> Path:
     manifest["metrics"] = metrics
     manifest["finished"] = now_iso()
     final = output.publish(manifest, keep=[CALIBRATION_FILE, "pairs"])
-    held = metrics.get("held_out") or metrics["fit"]
-    print(f"{len(pairs)} pairs; held-out ROC-AUC {held['roc_auc']:.3f}, ECE {held['ece_raw_cosine']:.3f} (raw "
-          f"cosine) -> {held['ece_calibrated']:.3f} (calibrated, {args.method}); saved {final / CALIBRATION_FILE}")
+    split = "held_out" if "held_out" in metrics else "fit"
+    shown = metrics[split]
+    auc = "n/a (one label)" if shown["roc_auc"] is None else f"{shown['roc_auc']:.3f}"
+    print(f"{len(pairs)} pairs; {split.replace('_', '-')} ROC-AUC {auc}, ECE {shown['ece_raw_cosine']:.3f} (raw "
+          f"cosine) -> {shown['ece_calibrated']:.3f} (calibrated, {args.method}); saved {final / CALIBRATION_FILE}")
     return final
 
 

@@ -40,7 +40,7 @@ def main() -> None:
     import torch
 
     from align.common import configure_logging
-    from rag.data import load_records
+    from rag.data import load_corpus, load_records
     from rag.evaluate import (
         EvalArguments,
         ModelSpec,
@@ -70,7 +70,8 @@ def main() -> None:
     records = load_records(args.records, "bench")
     chosen = [records[i] for i in select_questions(len(records), args.questions, 0)]
     cells = plan_cells(settings.arms, settings.num_documents, settings.gold_positions, "bench")
-    contexts = build_cell_contexts(settings, chosen, cells, Embedder())
+    corpus = load_corpus(args.corpus, records, "bench")
+    contexts = build_cell_contexts(settings, chosen, cells, Embedder(), corpus)
     model, tokenizer = load_model(ModelSpec("bench", args.model, []), "auto", "cpu")
     texts = [render_prompt(tokenizer, "qa", prompt_text("qa", r["question"], contexts[c.key][i]))
              for c in cells for i, r in enumerate(chosen)]

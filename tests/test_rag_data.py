@@ -21,7 +21,7 @@ from rag.data import (
     load_records,
     resolve_position,
 )
-from rag.metrics import contains_answer
+from rag.metrics import best_subspan_em
 from rag.position import plan_cells, select_questions
 from tests.conftest import write_jsonl
 
@@ -58,6 +58,10 @@ def test_load_records_checks_each_record(tmp_path):
         load_records(write_jsonl(tmp_path / "b.jsonl", [{**good, "answers": []}]), "rag eval")
     with pytest.raises(StageError, match=r"line 1: empty `answers` list"):
         load_records(write_jsonl(tmp_path / "c.jsonl", [{**good, "answers": ["  "]}]), "rag eval")
+    with pytest.raises(StageError, match="two records have the id 'q1'"):
+        load_records(write_jsonl(tmp_path / "d.jsonl", [{**good, "id": "q1"}, {**good, "id": "q1"}]), "rag eval")
+    with pytest.raises(StageError, match="two records have the id '2'"):  # an explicit id equal to a line number
+        load_records(write_jsonl(tmp_path / "e.jsonl", [{**good, "id": "2"}, good]), "rag eval")
     with pytest.raises(StageError, match="file not found"):
         load_records(tmp_path / "missing.jsonl", "rag eval")
 
@@ -122,7 +126,7 @@ def test_distractors_never_contain_an_answer_and_gold_lands_where_asked():
             assert rec["ctxs"][position]["text"] == original["ctxs"][0]["text"]
             for ctx in rec["ctxs"]:
                 if not ctx["isgold"]:
-                    assert not contains_answer(f"{ctx['title']}. {ctx['text']}", original["answers"])
+                    assert not best_subspan_em(f"{ctx['title']}. {ctx['text']}", original["answers"])
     # the same distractors, in the same (similarity) order, at every position
     distractors = {p: [[c["text"] for c in r["ctxs"] if not c["isgold"]] for r in built[p]] for p in built}
     assert distractors[0] == distractors[2] == distractors[3]
