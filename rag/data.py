@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from align.common import StageError, parse_json_lines, read_text
-from rag.metrics import best_subspan_em
+from rag.metrics import contains_answer
 
 POSITION_WORDS = ("first", "middle", "last")
 
@@ -173,8 +173,9 @@ class DistractorMiner:
 
     def mine(self, questions: Sequence[str], answers: Sequence[Sequence[str]], excluded: Sequence[Passage],
              count: int, stage: str) -> list[list[Passage]]:
-        """For each question, `count` passages in decreasing similarity, none containing one of its answers and
-        none equal to its excluded (gold) passage."""
+        """For each question, `count` passages in decreasing similarity, none containing one of its answers (as
+        whole words, like the paper's has_answer: a substring test would reject every passage for a one-letter
+        answer) and none equal to its excluded (gold) passage."""
         if count == 0:
             return [[] for _ in questions]
         queries = np.ascontiguousarray(self._encode(list(questions)), dtype=np.float32)
@@ -186,7 +187,7 @@ class DistractorMiner:
             still = []
             for row, i in zip(indices.tolist(), pending, strict=True):
                 chosen = [self.corpus[j] for j in row if j >= 0 and self.corpus[j].key != excluded[i].key
-                          and not mentions_answer(passage_text(self.corpus[j]), answers[i])][:count]
+                          and not contains_answer(passage_text(self.corpus[j]), answers[i])][:count]
                 if len(chosen) == count:
                     results[i] = chosen
                 elif width >= len(self.corpus):
@@ -198,12 +199,6 @@ class DistractorMiner:
                     still.append(i)
             pending, width = still, min(len(self.corpus), width * 4)
         return results  # type: ignore[return-value]
-
-
-def mentions_answer(text: str, answers: Sequence[str]) -> bool:
-    """Whether a passage would give an answer away under the scoring rule itself (a normalised alias as a
-    substring, as best_subspan_em tests outputs), so a distractor copied into an answer never scores."""
-    return best_subspan_em(" ".join(text.split()), answers) == 1.0
 
 
 def insert_gold(gold: Passage, distractors: Sequence[Passage], position: int) -> list[dict]:
