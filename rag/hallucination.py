@@ -39,6 +39,7 @@ only very can could would should will shall may might must one according answer 
 _OPENERS = frozenset("""
 the a an it its this that these those he she they there here in on at according answer yes no i we you his her
 their our my as by for from of to with and but or so then when while after before during however also
+title document
 """.split())
 SHORT_CLAIM_WORDS = 6
 
@@ -48,7 +49,8 @@ def numbers(text: str) -> set[str]:
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text)
+    """Word tokens, possessive 's dropped ("Mozart's" -> "Mozart"), so a name matches its possessive form."""
+    return [re.sub(r"['’][sS]$", "", w) for w in _WORD.findall(text)]
 
 
 def names(claim: str) -> set[str]:

@@ -59,6 +59,7 @@ def test_claim_features():
     assert numbers("In 1,200 BC and 3.5 km, 1889") == {"1200", "3.5", "1889"}
     assert names("The tower was designed by Gustave Eiffel in Paris.") == {"gustave", "eiffel", "paris"}
     assert names("It is tall.") == set()
+    assert names("Mozart's Symphony No. 40, says Document [2] (Title: Mozart)") == {"mozart", "symphony"}
 
 
 PASSAGES = ["Eiffel Tower. The Eiffel Tower in Paris was completed in 1889. It was designed by the engineering "
