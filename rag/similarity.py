@@ -179,10 +179,10 @@ def _other_record(records: Sequence[dict], i: int, rng: random.Random, tries: in
 
 
 def pairs_from_file(path: str | Path, stage: str = STAGE) -> list[dict]:
-    from rag.data import _read_rows
+    from rag.data import read_rows
 
     pairs = []
-    for where, row in _read_rows(path, stage):
+    for where, row in read_rows(path, stage):
         row = row if isinstance(row, dict) else {}
         references = row.get("references", row.get("reference"))
         references = [references] if isinstance(references, str) else references
