@@ -541,7 +541,7 @@ def run_stage(stage: str, main: Callable[[list[str] | None], Any], argv: list[st
     args = [a for a in args if a != "--debug"]
     configure_logging()
     try:
-        main(args)
+        result = main(args)
     except StageError as exc:
         if debug:
             raise
@@ -550,4 +550,4 @@ def run_stage(stage: str, main: Callable[[list[str] | None], Any], argv: list[st
     except KeyboardInterrupt:
         print(f"error: {stage}: interrupted — re-run the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

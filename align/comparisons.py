@@ -340,18 +340,24 @@ def check_arguments(args: ComparisonsArguments, sampling: SamplingArguments) -> 
         raise StageError(STAGE, "; ".join(problems) + " — see `align comparisons --help`")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args, sampling = parse_config(STAGE, CONFIG_CLASSES, argv)
-    started = now_iso()
-    check_arguments(args, sampling)
-    if args.source == "sheet" and args.export_sheet:
-        return export_sheet(args)
+def run_config(args: ComparisonsArguments, sampling: SamplingArguments) -> dict:
+    """What the manifest records and a resumed run must match (sampling options only when sampling)."""
     config = {"data": dataclasses.asdict(args)}
     if args.source == "sample":
         config["sampling"] = dataclasses.asdict(sampling)
     # `restart`/`overwrite` only say what to do with existing directories; they do not change the run.
     config["data"].pop("restart")
     config["data"].pop("overwrite_output_dir")
+    return config
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args, sampling = parse_config(STAGE, CONFIG_CLASSES, argv)
+    started = now_iso()
+    check_arguments(args, sampling)
+    if args.source == "sheet" and args.export_sheet:
+        return export_sheet(args)
+    config = run_config(args, sampling)
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
                          restart=args.restart)
     output.check()

@@ -47,7 +47,7 @@ from align.common import (
 )
 from align.hub import write_model_card
 from align.models import DEFAULT_MODEL, adapter_dir, load_causal_lm, load_tokenizer, merge_adapter, resolve_model
-from align.training import RunArguments, latest_checkpoint, truncate_history
+from align.training import RunArguments, latest_checkpoint, run_identity, truncate_history
 
 # (prompts as given: text or chat messages, response texts) -> [B] scores; larger is better.
 RewardFunction = Callable[[list, list[str]], torch.Tensor]
@@ -559,6 +559,12 @@ def build_trainer(args: PPOArguments, settings: PPOSettings, accelerator=None) -
     return PPOTrainer(policy, value, tokenizer, scorer, settings, ptx, accelerator), model_path
 
 
+def run_config(args: PPOArguments, settings: PPOSettings) -> dict:
+    """What the manifest records and a resumed run must match: every option except what to do with existing
+    directories and where to publish the adapter."""
+    return run_identity({"data": dataclasses.asdict(args), "ppo": dataclasses.asdict(settings)})
+
+
 def main(argv: list[str] | None = None) -> Path:
     from transformers import set_seed
 
@@ -567,9 +573,7 @@ def main(argv: list[str] | None = None) -> Path:
     args, settings = parse_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
     check_arguments(args, settings)
-    config = {"data": dataclasses.asdict(args), "ppo": dataclasses.asdict(settings)}
-    config["data"].pop("restart")
-    config["data"].pop("overwrite_output_dir")
+    config = run_config(args, settings)
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
                          restart=args.restart)
     output.check()

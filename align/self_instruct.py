@@ -819,14 +819,21 @@ def check_arguments(args: SelfInstructArguments) -> None:
         raise StageError(STAGE, "; ".join(problems) + " — see `align self-instruct --help`")
 
 
+def run_config(args: SelfInstructArguments) -> dict:
+    """What the manifest records and a resumed run must match: every option except what to do with existing
+    directories."""
+    config = {"data": dataclasses.asdict(args)}
+    config["data"].pop("restart")
+    config["data"].pop("overwrite_output_dir")
+    return config
+
+
 def main(argv: list[str] | None = None) -> Path:
     (args,) = parse_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
     check_arguments(args)
     seeds = load_seed_tasks(args.seed_tasks)
-    config = {"data": dataclasses.asdict(args)}
-    config["data"].pop("restart")  # what to do with existing directories, not part of the run
-    config["data"].pop("overwrite_output_dir")
+    config = run_config(args)
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
                          restart=args.restart)
     output.check()

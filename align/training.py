@@ -44,11 +44,26 @@ class RunArguments:
     )
 
 
+# Where and whether to publish the adapter: they do not change what is trained.
+PUBLISH_KEYS = {"push_to_hub", "hub_model_id", "hub_endpoint", "hub_private_repo", "hub_strategy", "hub_token",
+                "hub_always_push", "hub_revision"}
+
+
 def run_identity(config: dict) -> dict:
-    """The config minus the RunArguments fields, which say how to treat directories, not what to train."""
-    names = {f.name for f in dataclasses.fields(RunArguments)} - {"keep_checkpoints"}
+    """The config minus the RunArguments fields, which say how to treat directories, not what to train, and
+    minus the publishing options."""
+    names = ({f.name for f in dataclasses.fields(RunArguments)} - {"keep_checkpoints"}) | PUBLISH_KEYS
     return {group: {k: v for k, v in values.items() if k not in names} if isinstance(values, dict) else values
             for group, values in config.items()}
+
+
+def run_config(data_args, training_args, model_args) -> dict:
+    """What a training stage's manifest records and a resumed run must match."""
+    return run_identity({
+        "data": dataclasses.asdict(data_args),
+        "model": dataclasses.asdict(model_args),
+        "training": training_args.to_dict(),
+    })
 
 
 @dataclass
@@ -219,11 +234,7 @@ def parse_training_config(stage: str, config_classes: tuple, argv: list[str] | N
     from align.common import parse_config
 
     data_args, training_args, model_args = parse_config(stage, config_classes, argv)
-    config = run_identity({
-        "data": dataclasses.asdict(data_args),
-        "model": dataclasses.asdict(model_args),
-        "training": training_args.to_dict(),
-    })
+    config = run_config(data_args, training_args, model_args)
     output = StageOutput(stage, Path(training_args.output_dir), config,
                          overwrite=data_args.overwrite_output_dir, restart=data_args.restart)
     return data_args, training_args, model_args, config, output

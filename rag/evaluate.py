@@ -369,6 +369,11 @@ def validate(args: EvalArguments) -> tuple[list[ModelSpec], list[Cell]]:
     return specs, cells
 
 
+def run_config(args: EvalArguments) -> dict:
+    """What the manifest records (the resume check leaves out batching and directory handling)."""
+    return dataclasses.asdict(args)
+
+
 def main(argv: list[str] | None = None) -> Path:
     import torch
     from datasets import Dataset
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     (args,) = parse_config(STAGE, (EvalArguments,), argv, module="rag.evaluate")
     specs, cells = validate(args)
-    config = dataclasses.asdict(args)
+    config = run_config(args)
     # What an unfinished run must share with its re-run: the answers. Not how they were batched or launched.
     resume_config = {k: v for k, v in config.items() if k not in ("restart", "overwrite_output_dir", "batch_size")}
     output = StageOutput(STAGE, Path(args.output_dir), resume_config, overwrite=args.overwrite_output_dir,
