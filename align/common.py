@@ -479,7 +479,7 @@ def parse_config(stage: str, dataclass_types: tuple, argv: list[str] | None, mod
         def error(self, message: str):  # argparse would print usage and exit
             raise StageError(stage, f"{message} — see `{command} --help`")
 
-    parser = _Parser(dataclass_types, prog=command,
+    parser = _Parser(dataclass_types, prog=command, allow_abbrev=False,  # a misspelt option is an error
                      description=_first_paragraph(module or f"align.{stage.replace('-', '_')}"))
     args = list(argv) if argv is not None else None
     if args is not None and "--config" in args:

@@ -137,8 +137,8 @@ def _load_snippet(manifest: dict, base_name: str, base_id: str | None, adapter_r
     sft = manifest.get("depends_on", {}).get("sft_adapter")
     lines = ["```python", "from peft import PeftModel"]
     if stage == "reward":
-        lines.append("from transformers import AutoModelForSequenceClassification, AutoTokenizer"
-                     + (", AutoModelForCausalLM" if sft else ""))
+        lines.append("from transformers import " + ("AutoModelForCausalLM, " if sft else "")
+                     + "AutoModelForSequenceClassification, AutoTokenizer")
     else:
         lines.append("from transformers import AutoModelForCausalLM, AutoTokenizer")
     lines.append("")
@@ -454,6 +454,33 @@ def push_stage_output(output_dir: str | os.PathLike, repo_id: str, *, endpoint: 
     logger.info("pushed %d files from %s to %s (%s, commit %s)", len(operations), path, repo_id,
                 "new private repository" if created and private else "new public repository" if created
                 else "existing repository", commit.oid[:12] if commit.oid else "?")
+    return url
+
+
+# ----------------------------------------------------------------------------- from a training stage
+
+
+def check_stage_push(stage: str, push_to_hub: bool, hub_model_id: str | None, endpoint: str | None) -> None:
+    """A training stage's `--push_to_hub` preflight, before any training: a repo id is given, and `check_push`
+    passes (token, offline mode, the hub reachable and accepting the token)."""
+    if not push_to_hub:
+        return
+    if not hub_model_id:
+        raise StageError(stage, "--push_to_hub needs --hub_model_id namespace/name")
+    try:
+        check_push(hub_model_id, endpoint)
+    except StageError as exc:
+        raise StageError(stage, f"cannot push to the hub: {exc.message}") from None
+
+
+def push_after_stage(stage: str, output_dir: Path, hub_model_id: str, endpoint: str | None, private: bool) -> str:
+    """Push a stage's just-published output; a failure leaves the output in place and says how to push it later."""
+    try:
+        url = push_stage_output(output_dir, hub_model_id, endpoint=endpoint, private=private)
+    except StageError as exc:
+        raise StageError(stage, f"the output is complete in {output_dir} but the push failed: {exc.message} (push "
+                         f"it later with `align push {output_dir} --repo_id {hub_model_id}`)") from None
+    logger.info("pushed to %s", url)
     return url
 
 

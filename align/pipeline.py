@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from align.common import MANIFEST, StageError, fingerprint, parse_config, run_stage, strip_secrets
+from align.common import HUB_NAME, MANIFEST, StageError, fingerprint, parse_config, run_stage, strip_secrets
 
 STAGE = "pipeline"
 logger = logging.getLogger("align")
@@ -170,8 +170,12 @@ def plan(config_path: str | Path, output_dir: str | None = None) -> list[Planned
     root = Path(output_dir or config.get("output_dir") or "runs/pipeline")
     model = config.get("model_name_or_path")
 
+    names = [n for n in ORDER if n in stages]
+    outputs = {n: Path(str((stages[n] or {}).get("output_dir") or root / n)) for n in names}
+    if len({str(p.resolve()) for p in outputs.values()}) < len(outputs):
+        raise StageError(STAGE, f"{config_path}: two stages write the same output_dir — give each its own")
     planned: list[PlannedStage] = []
-    for name in (n for n in ORDER if n in stages):
+    for name in names:
         options = dict(stages[name] or {})
         base = options.pop("config", None)
         if base is not None:
@@ -180,8 +184,8 @@ def plan(config_path: str | Path, output_dir: str | None = None) -> list[Planned
         explicit = set(options)
         if model is not None and name != "rag-eval" and "model_name_or_path" not in explicit:
             options["model_name_or_path"] = model
-        options.setdefault("output_dir", str(root / name))
-        stage = PlannedStage(name, STAGES[name], options, base, Path(options["output_dir"]))
+        options["output_dir"] = str(outputs[name])
+        stage = PlannedStage(name, STAGES[name], options, base, outputs[name])
         _wire(stage, explicit, planned, model)
         stage.parsed = _parse(stage)
         if name == "comparisons" and stage.parsed[0].source != "sample":
@@ -190,10 +194,7 @@ def plan(config_path: str | Path, output_dir: str | None = None) -> list[Planned
                     stage.options.pop(key, None)
             stage.parsed = _parse(stage)
         planned.append(stage)
-        _check_chain(stage, planned)
-    outputs = [str(p.output_dir.resolve()) for p in planned]
-    if len(set(outputs)) < len(outputs):
-        raise StageError(STAGE, "two stages write the same output_dir — give each its own")
+        _check_chain(stage, planned, outputs)
     return planned
 
 
@@ -227,9 +228,9 @@ def _option(stage: PlannedStage, key: str) -> Any:
     return None
 
 
-def _check_chain(stage: PlannedStage, planned: list[PlannedStage]) -> None:
+def _check_chain(stage: PlannedStage, planned: list[PlannedStage], outputs: dict[str, Path]) -> None:
     """Every input an earlier stage of the right kind produces, or a finished directory / existing data."""
-    later = [n for n in ORDER[ORDER.index(stage.name) + 1:]]
+    later = [n for n in outputs if ORDER.index(n) > ORDER.index(stage.name)]
     reads: list[tuple[str, str, tuple[str, ...], bool]] = []
     for key, producers in stage.spec.inputs.items():
         value = _option(stage, key)
@@ -247,19 +248,20 @@ def _check_chain(stage: PlannedStage, planned: list[PlannedStage]) -> None:
                 raise StageError(STAGE, f"{where} reads the output of '{source.name}', but '{stage.name}' needs "
                                  f"a {' or '.join(producers)} output there — point it at one")
             continue
-        if any(_same_path(value, Path(p.output_dir)) for p in planned[-1:]):
-            raise StageError(STAGE, f"{where} reads its own output — point it at an earlier stage's output")
+        reader = next((n for n in [stage.name, *later] if _same_path(value, outputs[n])), None)
+        if reader is not None:
+            whose = "its own output" if reader == stage.name else f"the output of '{reader}', which runs after it"
+            raise StageError(STAGE, f"{where} reads {whose} — point it at an earlier stage's output")
         path = Path(str(value)).expanduser()
         if path.exists():
             if must_be_directory and not (path / MANIFEST).is_file():
                 raise StageError(STAGE, f"{where} is not a finished stage output (no {MANIFEST}) — run the stage "
                                  "that writes it first")
             continue
-        if not must_be_directory and not path.parent.exists() and "/" not in str(value).strip("/")[:-1]:
-            continue  # a hub dataset name such as "imdb"
-        hint = f"; stages {', '.join(later)} run after '{stage.name}'" if later else ""
-        raise StageError(STAGE, f"{where}: {value} does not exist and no earlier stage in the pipeline writes it"
-                         f"{hint} — add the stage that produces it, or point {key} at an existing "
+        if not must_be_directory and HUB_NAME.fullmatch(str(value)) and not Path(str(value).split("/")[0]).exists():
+            continue  # a hub dataset name such as "trl-lib/Capybara"
+        raise StageError(STAGE, f"{where}: {value} does not exist and no earlier stage in the pipeline writes it — "
+                         f"add the stage that produces it, or point {key} at an existing "
                          f"{' or '.join(producers)} output")
 
 
@@ -415,8 +417,13 @@ def _headline(stage: PlannedStage, m: dict) -> str:
         return (f"held-out ranking accuracy {_num(m.get('eval_accuracy_before'))} (untrained) -> "
                 f"{_num(m.get('eval_accuracy'))}; adapter {out / 'adapter'}")
     if stage.name == "ppo":
-        return (f"reward of sampled responses {_num(m.get('score_first'))} (first iterations) -> "
-                f"{_num(m.get('score_last'))} (last), KL {_num(m.get('kl_last'))}; adapter {out / 'adapter'}")
+        if m.get("eval_reward_before") is not None:
+            reward = (f"reward on {m.get('eval_prompts')} held-out prompts {_num(m['eval_reward_before'])} (SFT) -> "
+                      f"{_num(m.get('eval_reward_after'))} (PPO)")
+        else:
+            reward = (f"reward of sampled responses {_num(m.get('score_first'))} (first iterations) -> "
+                      f"{_num(m.get('score_last'))} (last)")
+        return f"{reward}, KL {_num(m.get('kl_last'))}; adapter {out / 'adapter'}"
     if stage.name == "rag-eval":
         parts = []
         for model, cells in m.items():

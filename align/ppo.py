@@ -45,7 +45,7 @@ from align.common import (
     read_manifest,
     run_stage,
 )
-from align.hub import write_model_card
+from align.hub import check_stage_push, push_after_stage, write_model_card
 from align.models import DEFAULT_MODEL, adapter_dir, load_causal_lm, load_tokenizer, merge_adapter, resolve_model
 from align.training import RunArguments, latest_checkpoint, run_identity, truncate_history
 
@@ -241,6 +241,27 @@ class PPOTrainer:
         return Rollout(sequences, attention_mask, prompt_length, mask, logprobs, ref_logprobs, values, scores,
                        rewards, kl, advantages, returns, texts, truncated)
 
+    @torch.no_grad()
+    def evaluate(self, prompts: Sequence[str | list[dict]], batch_size: int) -> list[float]:
+        """Reward-model scores of the policy's greedy responses to `prompts`, as the policy is now (before the
+        first update: the SFT model, since a new LoRA is the identity)."""
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"
+        self.policy.eval()
+        scores: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            batch = tokenizer([self.render(p) for p in chunk], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(self.device)
+            sequences = self.policy.generate(**batch, do_sample=False, max_new_tokens=self.settings.max_new_tokens,
+                                             pad_token_id=tokenizer.pad_token_id)
+            texts = []
+            for ids in sequences[:, batch["input_ids"].shape[1]:].tolist():
+                end = next((i for i, token in enumerate(ids) if token in self.eos_ids), len(ids))
+                texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True).strip())
+            scores += [float(x) for x in torch.as_tensor(self.reward_fn(chunk, texts)).reshape(-1).tolist()]
+        return scores
+
     def sample(self, batch) -> torch.Tensor:
         """The one generation call (Hugging Face `generate`; a faster backend can replace this method)."""
         s = self.settings
@@ -381,6 +402,19 @@ class PPOArguments(RunArguments):
     ptx_max_length: int = field(default=256, metadata={"help": "PPO-ptx: longest sequence in tokens (cut at the end)."})
     dtype: str = field(default="auto", metadata={"help": "Weights dtype ('auto', 'float32', 'bfloat16')."})
     save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (and at the end)."})
+    eval_prompts: int = field(
+        default=0, metadata={"help": "Hold out N prompts (seeded) from training and score the policy's greedy "
+                             "responses to them with the reward model before the first and after the last "
+                             "iteration (0: off)."}
+    )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "When the stage has finished, push its adapter, model card and manifest to "
+                                 "--hub_model_id (token and hub checked before training)."}
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "With --push_to_hub: 'namespace/name'."})
+    hub_private_repo: bool = field(
+        default=True, metadata={"help": "Create the hub repository private (the default); false: public."}
+    )
     sample_steps: int = field(default=5, metadata={"help": "Log prompt/response/score samples every N iterations."})
 
 
@@ -426,11 +460,38 @@ def prompt_order(step: int, batch_size: int, count: int, seed: int) -> list[int]
     return indices
 
 
+def hold_out_prompts(prompts: list, count: int, seed: int) -> tuple[list, list]:
+    """(training prompts, `count` held-out prompts): a seeded choice, the training prompts in their order."""
+    if count <= 0:
+        return prompts, []
+    if count >= len(prompts):
+        raise StageError(STAGE, f"--eval_prompts {count} leaves no training prompts out of {len(prompts)} — "
+                         "hold out fewer")
+    chosen = set(torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return ([p for i, p in enumerate(prompts) if i not in chosen], [p for i, p in enumerate(prompts) if i in chosen])
+
+
+def held_out_reward(trainer: PPOTrainer, prompts: list, cache: Path | None, batch_size: int = 8) -> float | None:
+    """Mean reward of the policy's greedy responses to the held-out prompts. With `cache`, measured once per run
+    and kept in the working directory, so a resumed run reports the reward of the policy it started from."""
+    if not prompts:
+        return None
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())["reward"]
+    scores = trainer.evaluate(prompts, batch_size)
+    reward = sum(scores) / len(scores)
+    if cache is not None:
+        cache.write_text(json.dumps({"reward": reward, "scores": scores}))
+    return reward
+
+
 def check_arguments(args: PPOArguments, settings: PPOSettings) -> None:
     problems = []
     for name in ("total_steps", "rollout_batch_size", "save_steps", "sample_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be >= 1")
+    if args.eval_prompts < 0:
+        problems.append("--eval_prompts must be >= 0")
     for name in ("ppo_epochs", "mini_batch_size", "max_new_tokens"):
         if getattr(settings, name) < 1:
             problems.append(f"--{name} must be >= 1")
@@ -577,9 +638,10 @@ def main(argv: list[str] | None = None) -> Path:
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
                          restart=args.restart)
     output.check()
+    check_stage_push(STAGE, args.push_to_hub, args.hub_model_id, args.hub_endpoint)
     records = importers.prompt_records(load_stage_dataset(args.dataset_name, STAGE), args.dataset_split, "output",
                                        need_reference=False, stage=STAGE)
-    prompts = [record["prompt"] for record in records]
+    prompts, held_out = hold_out_prompts([record["prompt"] for record in records], args.eval_prompts, settings.seed)
     if len(prompts) < args.rollout_batch_size:
         logger.warning("%d prompts for a rollout batch of %d: prompts repeat within a batch", len(prompts),
                        args.rollout_batch_size)
@@ -608,11 +670,14 @@ def main(argv: list[str] | None = None) -> Path:
                 truncate_history(path, trainer.step_count)
     else:
         logger.info("PPO on %d prompts -> %s", len(prompts), output.output_dir)
+    before = (held_out_reward(trainer, held_out, partial / "logs" / "eval_before.json", args.rollout_batch_size)
+              if is_main else None)
     sampled = run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path, resume_from)
     logger.info("rank %d/%d sampled %d prompts in this run", accelerator.process_index, world, sampled)
     accelerator.wait_for_everyone()
     if not is_main:
         return output.output_dir
+    after = held_out_reward(trainer, held_out, None, args.rollout_batch_size)
 
     adapter = partial / "adapter"
     trainer.policy.save_pretrained(str(adapter))
@@ -626,13 +691,20 @@ def main(argv: list[str] | None = None) -> Path:
                               **({"sft_adapter": args.sft_adapter} if args.sft_adapter else {})}
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     manifest["metrics"] = summarize(history)
+    if held_out:
+        manifest["metrics"].update(eval_prompts=len(held_out), eval_reward_before=before, eval_reward_after=after)
+        logger.info("reward of greedy responses to %d held-out prompts: %.3f (SFT policy) -> %.3f (after PPO)",
+                    len(held_out), before, after)
     manifest["resumed_from"] = resume_from.name if resume_from else None
     manifest["world_size"] = world
     manifest["finished"] = now_iso()
     write_model_card(adapter, manifest)
     if not args.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    return output.publish(manifest, keep=["adapter"])
+    final = output.publish(manifest, keep=["adapter"])
+    if args.push_to_hub:
+        push_after_stage(STAGE, final, args.hub_model_id, args.hub_endpoint, private=args.hub_private_repo)
+    return final
 
 
 def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints: Path, metrics_path: Path,

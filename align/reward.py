@@ -45,7 +45,7 @@ from align.common import (
     run_stage,
     validate_columns,
 )
-from align.hub import write_model_card
+from align.hub import check_stage_push, push_after_stage, write_model_card
 from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, merge_adapter, resolve_model
 from align.training import RunArguments, TrainingDefaults, TrainingRun, hold_out, parse_training_config
 
@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Validate everything before writing anything.
     output.check()
+    check_stage_push(STAGE, training_args.push_to_hub, training_args.hub_model_id, data_args.hub_endpoint)
     data = to_comparisons(load_stage_dataset(data_args.dataset_name, STAGE), data_args, training_args.seed)
     model_path = resolve_model(model_args.model_name_or_path, STAGE)
     tokenizer = load_tokenizer(model_path, STAGE)
@@ -533,6 +534,9 @@ def main(argv: list[str] | None = None) -> Path:
     manifest["finished"] = now_iso()
     write_model_card(adapter, manifest)
     final = run.publish(manifest, keep=["adapter"], keep_checkpoints=data_args.keep_checkpoints)
+    if training_args.push_to_hub:
+        push_after_stage(STAGE, final, training_args.hub_model_id, data_args.hub_endpoint,
+                         private=training_args.hub_private_repo is not False)
     if after:
         logger.info("held-out pairwise accuracy %.3f (before training %.3f) on %d pairs; adapter: %s",
                     after["eval_accuracy"], before["before_accuracy"], after["eval_pairs"], final / "adapter")

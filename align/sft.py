@@ -32,7 +32,7 @@ from align.common import (
     run_stage,
     validate_columns,
 )
-from align.hub import write_model_card
+from align.hub import check_stage_push, push_after_stage, write_model_card
 from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, resolve_model
 from align.training import RunArguments, TrainingDefaults, TrainingRun, hold_out, parse_training_config
 
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Validate everything before writing anything.
     output.check()
+    check_stage_push(STAGE, training_args.push_to_hub, training_args.hub_model_id, data_args.hub_endpoint)
     data, data_kind = prepare_data(load_stage_dataset(data_args.dataset_name, STAGE), data_args, training_args.seed)
     if data_kind == "prompt-completion":
         training_args.assistant_only_loss = False  # the completion mask plays that role
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> Path:
     manifest["finished"] = now_iso()
     write_model_card(adapter, manifest)
     final = run.publish(manifest, keep=["adapter"], keep_checkpoints=data_args.keep_checkpoints)
+    if training_args.push_to_hub:
+        push_after_stage(STAGE, final, training_args.hub_model_id, data_args.hub_endpoint,
+                         private=training_args.hub_private_repo is not False)
     logger.info("train loss %.4f%s; adapter: %s", result.training_loss,
                 f"; eval loss {baseline:.4f} -> {eval_metrics['eval_loss']:.4f}" if eval_metrics else "",
                 final / "adapter")

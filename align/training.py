@@ -42,6 +42,10 @@ class RunArguments:
     keep_checkpoints: bool = field(
         default=False, metadata={"help": "Keep checkpoints/ in the finished output (default: delete them)."}
     )
+    hub_endpoint: str | None = field(
+        default=None, metadata={"help": "With --push_to_hub: the hub's address (default: $HF_ENDPOINT, else "
+                                "https://huggingface.co). The token comes from HF_TOKEN or `hf auth login`."}
+    )
 
 
 # Where and whether to publish the adapter: they do not change what is trained.
@@ -79,6 +83,13 @@ class TrainingDefaults:
     disable_tqdm: bool | None = field(default=False, metadata={"help": "Hide the training progress bar."})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP: look for unused parameters each step (not needed with LoRA)."}
+    )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "When the stage has finished, push its adapter, model card and manifest to "
+                                 "--hub_model_id (token and hub checked before training)."}
+    )
+    hub_private_repo: bool | None = field(
+        default=True, metadata={"help": "Create the hub repository private (the default); false: public."}
     )
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Integrations to log to ('tensorboard', 'wandb', 'none', ...)."}
@@ -162,7 +173,8 @@ class TrainingRun:
         metrics = MetricsCallback(partial / "logs" / "metrics.jsonl")
         if resume_from is not None and is_main:
             truncate_history(metrics.path, int(resume_from.name.split("-")[-1]))
-        training_args = dataclasses.replace(training_args, output_dir=str(checkpoints))
+        # The stage pushes the finished adapter itself (after publishing), never the Trainer's checkpoints.
+        training_args = dataclasses.replace(training_args, output_dir=str(checkpoints), push_to_hub=False)
         return cls(output, training_args, is_main, resume_from, metrics)
 
     def attach(self, trainer) -> None:

@@ -19,7 +19,8 @@ def test_configs_exist():
     names = {str(p.relative_to(ROOT / "configs")) for p in CONFIGS}
     stages = ("self-instruct", "sft", "comparisons", "reward", "ppo")
     assert {f"{stage}.yaml" for stage in stages} | {f"tiny/{stage}.yaml" for stage in stages} <= names
-    assert "accelerate/ddp.yaml" in names
+    assert {"accelerate/ddp.yaml", "accelerate/deepspeed-zero3.yaml", "accelerate/fsdp.yaml"} <= names
+    assert {"quickstart.yaml", "tiny/pipeline.yaml"} <= names
     assert {"rag/eval.yaml", "rag/eval-nq.yaml", "rag/eval-kv.yaml"} <= names
 
 
@@ -33,6 +34,13 @@ def test_config_parses(path: Path, tmp_path):
 
         config = load_config_from_file(str(path))
         assert config.num_processes >= 1
+        return
+    if path.stem in ("quickstart", "pipeline"):  # pipeline configs: every stage parses and the inputs chain
+        from align.pipeline import plan
+
+        planned = plan(path, output_dir=str(tmp_path))
+        assert [p.name for p in planned] == ["self-instruct", "sft", "comparisons", "reward", "ppo", "rag-eval"]
+        assert "align pipeline --config" in text
         return
     if path.parent.name == "rag":  # rag/<command>[-variant].yaml
         command = path.stem.split("-")[0]

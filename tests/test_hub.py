@@ -198,7 +198,9 @@ def test_ppo_card_snippet_runs(sft_output, one_thread):
     assert f'sft_adapter = "{sft_output}/adapter"' in code and 'resolve_model("tiny-llama")' in code
     namespace: dict = {}
     exec(compile(code, "card", "exec"), namespace)  # noqa: S102 - our own generated snippet
-    assert type(namespace["model"]).__name__ == "PeftModel"
+    from peft import PeftModel
+
+    assert isinstance(namespace["model"], PeftModel)
 
 
 def test_reward_card_loads_a_sequence_classifier():
@@ -321,3 +323,36 @@ def test_command_line(tmp_path, capsys):
     assert align_hub._take_positional(["--private", "false", "runs/x", "--repo_id", "a/b"]) == (
         "runs/x", ["--private", "false", "--repo_id", "a/b"])
     assert align_hub._take_positional(["--private", "runs/x"])[0] == "runs/x"
+
+
+# ----------------------------------------------------------------------------- --push_to_hub on a training stage
+
+
+def test_training_stage_pushes_when_asked(hub, tmp_path):
+    """`align sft --push_to_hub` checks the hub before training and pushes the finished adapter; without a token
+    it stops before any work, with one line and no output directory."""
+
+    base = ["sft", "--config", "configs/tiny/sft.yaml", "--max_steps", "2", "--save_steps", "2", "--push_to_hub",
+            "true", "--hub_model_id", "align-team/tiny-sft-stage", "--hub_endpoint", hub.url]
+    env = {k: v for k, v in os.environ.items() if k not in (*OFFLINE_VARIABLES, "HF_TOKEN", "HF_ENDPOINT")}
+    env.update(HF_HOME=str(tmp_path / "home"))
+
+    refused = subprocess.run([sys.executable, "-m", "align.cli", *base, "--output_dir", str(tmp_path / "a")],
+                             cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sft: cannot push to the hub:") and "HF_TOKEN" in lines[0]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+
+    result = subprocess.run([sys.executable, "-m", "align.cli", *base, "--output_dir", str(tmp_path / "b")],
+                            cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT), "HF_TOKEN": TOKEN}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TOKEN not in result.stdout + result.stderr
+    repo = hub.repos["align-team/tiny-sft-stage"]
+    assert repo.private
+    files = set(hub.git("align-team/tiny-sft-stage", "ls-tree", "--name-only", "HEAD").decode().split())
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "manifest.json"} <= files
+    manifest = read_manifest(tmp_path / "b")
+    assert "push_to_hub" not in json.dumps(manifest["config"])  # where it was published is not what was trained

@@ -49,8 +49,13 @@ PROMPTS = [f"Question {i}: say something." for i in range(16)]
 
 
 def test_reward_rises_while_kl_stays_bounded(tiny_model_path, one_thread):
+    """Sampled scores rise over 30 iterations, and so does the score of greedy responses to prompts never trained on."""
     trainer = make_trainer(tiny_model_path)
+    held_out = [f"Request {i}: write one line." for i in range(8)]
+    before = trainer.evaluate(held_out, batch_size=4)
     history = [trainer.step(PROMPTS)[0] for _ in range(30)]
+    after = trainer.evaluate(held_out, batch_size=4)
+    assert sum(after) / 8 > sum(before) / 8 + 0.15, (before, after)
     scores = [h["score_mean"] for h in history]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     assert first < 0.15  # lowercase letters are ~10% of random bytes
@@ -130,9 +135,13 @@ def test_stage_writes_adapter_card_and_logs(reward_dir, tmp_path):
     from align.models import load_causal_lm, resolve_model
 
     out = tmp_path / "ppo"
-    result = run_align(*ppo_args(reward_dir, out), "--ptx_dataset", DEMONSTRATIONS, "--ptx_coef", "0.1")
+    result = run_align(*ppo_args(reward_dir, out), "--ptx_dataset", DEMONSTRATIONS, "--ptx_coef", "0.1",
+                       "--eval_prompts", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(out)
+    assert manifest["metrics"]["eval_prompts"] == 4
+    assert all(math.isfinite(manifest["metrics"][k]) for k in ("eval_reward_before", "eval_reward_after"))
+    assert "held-out prompts" in result.stderr
     assert manifest["metrics"]["steps"] == 6 and manifest["depends_on"]["reward_model"] == str(reward_dir)
     assert set(manifest["inputs"]) == {"dataset", "reward_model"}
     rows = history(out)

@@ -246,3 +246,43 @@ def test_reward_resumes_after_sigkill(tmp_path):
     assert "resuming from checkpoint-" in second.stderr
     manifest = read_manifest(out)
     assert manifest["resumed_from"].startswith("checkpoint-") and manifest["metrics"]["global_step"] == 40
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_cpu_processes_train_the_reward_model(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): world size 2, both ranks ran every optimizer step, and the
+    model still learns (each rank sees half the prompts of every step, whole prompts only)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from datasets import Dataset, DatasetDict
+
+    from tests.conftest import ROOT
+
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert launcher, "accelerate not found next to the interpreter"
+    DatasetDict(
+        train=Dataset.from_list(identifiable_comparisons(32, seed=4)),
+        test=Dataset.from_list(identifiable_comparisons(8, seed=5)),
+    ).save_to_disk(str(tmp_path / "cmp"))
+    out = tmp_path / "rm"
+    result = subprocess.run(
+        [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "align.reward", *TINY, "--dataset_name", str(tmp_path / "cmp"),
+         "--output_dir", str(out), "--num_train_epochs", "4", "--per_device_train_batch_size", "2",
+         "--learning_rate", "3e-3", "--logging_steps", "4", "--max_length", "256"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(out)
+    steps = manifest["metrics"]["global_step"]
+    assert manifest["distributed"]["world_size"] == 2
+    assert manifest["distributed"]["steps_per_rank"] == [steps, steps]
+    assert steps == 4 * 32 // (2 * 2)  # 4 epochs of 32 prompts, 2 prompts per rank per step
+    assert manifest["metrics"]["eval_accuracy"] > manifest["metrics"]["eval_accuracy_before"]
+    assert manifest["metrics"]["eval_accuracy"] >= 0.75
+    assert not (tmp_path / "rm.partial").exists()
