@@ -47,7 +47,14 @@ from align.common import (
 )
 from align.hub import check_stage_push, push_after_stage, write_model_card
 from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, merge_adapter, resolve_model
-from align.training import RunArguments, TrainingDefaults, TrainingRun, hold_out, parse_training_config
+from align.training import (
+    RunArguments,
+    TrainingDefaults,
+    TrainingRun,
+    can_evaluate_before_training,
+    hold_out,
+    parse_training_config,
+)
 
 STAGE = "reward"
 logger = logging.getLogger("align")
@@ -494,7 +501,8 @@ def main(argv: list[str] | None = None) -> Path:
         callbacks=[run.metrics],
     )
     run.attach(trainer)
-    before = trainer.evaluate(metric_key_prefix="before") if "eval" in encoded else {}
+    before = (trainer.evaluate(metric_key_prefix="before")
+              if "eval" in encoded and can_evaluate_before_training(trainer) else {})
     pairs = sum(len(ranking_pairs(r)) for r in encoded["train"]["ranks"])
     result = run.train(trainer, f"training a reward model on {len(encoded['train'])} prompts ({pairs} pairs, "
                                 f"{sum(len(r) for r in encoded['train']['ranks'])} responses)")
@@ -502,10 +510,11 @@ def main(argv: list[str] | None = None) -> Path:
     train_scores = score_rows(trainer.accelerator.unwrap_model(trainer.model), encoded["train"], collator,
                               training_args.per_device_eval_batch_size)
     distributed = run.wait_for_ranks(trainer)
+    state = run.gather_adapter_state(trainer)
     if not run.is_main:
         return output.output_dir
 
-    adapter = run.save_adapter(trainer, tokenizer)
+    adapter = run.save_adapter(trainer, tokenizer, state)
     all_rewards = [r for row in train_scores for r in row]
     mean = sum(all_rewards) / len(all_rewards)
     std = math.sqrt(sum((r - mean) ** 2 for r in all_rewards) / max(1, len(all_rewards) - 1))
@@ -538,9 +547,14 @@ def main(argv: list[str] | None = None) -> Path:
         push_after_stage(STAGE, final, training_args.hub_model_id, data_args.hub_endpoint,
                          private=training_args.hub_private_repo is not False)
     if after:
-        logger.info("held-out pairwise accuracy %.3f (before training %.3f) on %d pairs; adapter: %s",
-                    after["eval_accuracy"], before["before_accuracy"], after["eval_pairs"], final / "adapter")
+        logger.info("held-out pairwise accuracy %.3f (before training %s) on %d pairs; adapter: %s",
+                    after["eval_accuracy"], _rounded(before.get("before_accuracy")), after["eval_pairs"],
+                    final / "adapter")
     return final
+
+
+def _rounded(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.3f}"
 
 
 def cli(argv: list[str] | None = None) -> int:

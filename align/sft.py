@@ -34,7 +34,14 @@ from align.common import (
 )
 from align.hub import check_stage_push, push_after_stage, write_model_card
 from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, resolve_model
-from align.training import RunArguments, TrainingDefaults, TrainingRun, hold_out, parse_training_config
+from align.training import (
+    RunArguments,
+    TrainingDefaults,
+    TrainingRun,
+    can_evaluate_before_training,
+    hold_out,
+    parse_training_config,
+)
 
 STAGE = "sft"
 logger = logging.getLogger("align")
@@ -155,15 +162,17 @@ def main(argv: list[str] | None = None) -> Path:
         callbacks=[run.metrics],
     )
     run.attach(trainer)
-    baseline = _baseline_eval_loss(trainer, run.partial, run.is_main) if "eval" in data else None
+    baseline = (_baseline_eval_loss(trainer, run.partial, run.is_main)
+                if "eval" in data and can_evaluate_before_training(trainer) else None)
     result = run.train(trainer, f"training {model_args.model_name_or_path} on {len(data['train'])} examples "
                                 f"({data_kind})")
     eval_metrics = trainer.evaluate() if "eval" in data else {}
     distributed = run.wait_for_ranks(trainer)
+    state = run.gather_adapter_state(trainer)
     if not run.is_main:
         return output.output_dir
 
-    adapter = run.save_adapter(trainer, tokenizer)
+    adapter = run.save_adapter(trainer, tokenizer, state)
     losses = run.logged("loss")
     manifest = run.manifest(STAGE, config, data_args.dataset_name, model_args.model_name_or_path, model_path, started)
     manifest["metrics"] = {
@@ -186,7 +195,8 @@ def main(argv: list[str] | None = None) -> Path:
         push_after_stage(STAGE, final, training_args.hub_model_id, data_args.hub_endpoint,
                          private=training_args.hub_private_repo is not False)
     logger.info("train loss %.4f%s; adapter: %s", result.training_loss,
-                f"; eval loss {baseline:.4f} -> {eval_metrics['eval_loss']:.4f}" if eval_metrics else "",
+                f"; eval loss {'not measured' if baseline is None else f'{baseline:.4f}'} -> "
+                f"{eval_metrics['eval_loss']:.4f}" if eval_metrics else "",
                 final / "adapter")
     return final
 

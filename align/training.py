@@ -204,10 +204,17 @@ class TrainingRun:
         trainer.accelerator.wait_for_everyone()
         return {"world_size": args.world_size, "steps_per_rank": steps}
 
-    def save_adapter(self, trainer, tokenizer) -> Path:
+    def gather_adapter_state(self, trainer) -> dict | None:
+        """Under FSDP each rank holds a shard of the weights: gather the full state dict (every rank must call
+        this; the main process gets it). None elsewhere: the model's own weights are whole."""
+        if getattr(trainer, "is_fsdp_enabled", False):
+            return trainer.accelerator.get_state_dict(trainer.model)
+        return None
+
+    def save_adapter(self, trainer, tokenizer, state_dict: dict | None = None) -> Path:
         """Write the trained PEFT adapter and the tokenizer to adapter/ (main process only)."""
         adapter = self.partial / "adapter"
-        trainer.model.save_pretrained(str(adapter))
+        trainer.model.save_pretrained(str(adapter), state_dict=state_dict)
         tokenizer.save_pretrained(str(adapter))
         return adapter
 
@@ -227,6 +234,15 @@ class TrainingRun:
         if not keep_checkpoints:
             shutil.rmtree(self.partial / "checkpoints", ignore_errors=True)
         return self.output.publish(manifest, keep=keep)
+
+
+def can_evaluate_before_training(trainer) -> bool:
+    """Whether the untrained model can be evaluated before `train()`: under FSDP2 accelerate must prepare the
+    model together with its optimizer, which an evaluation before training would not do."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        logger.info("FSDP: the before-training evaluation is skipped (its metrics are recorded as null)")
+        return False
+    return True
 
 
 def truncate_history(path: Path, step: int) -> None:

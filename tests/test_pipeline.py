@@ -86,7 +86,7 @@ def test_from_only_and_a_changed_option_plan_the_right_stages(finished, tmp_path
     config = tmp_path / "changed.yaml"
     config.write_text(yaml.safe_dump(changed))
     lines = plan(config=config)
-    assert "config changed (ppo.total_steps)" in lines["ppo"]
+    assert "config changed (data.total_steps)" in lines["ppo"], lines["ppo"]
     assert "its input from 'ppo' is made again" in lines["rag-eval"]
     assert all("up to date" in lines[s] for s in STAGES[:4])
 
