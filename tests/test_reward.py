@@ -251,8 +251,9 @@ def test_reward_resumes_after_sigkill(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_cpu_processes_train_the_reward_model(tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo): world size 2, both ranks ran every optimizer step, and the
-    model still learns (each rank sees half the prompts of every step, whole prompts only)."""
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: 2 CPU processes over gloo (with
+    `--cpu` accelerate would start one). World size 2, both ranks ran every optimizer step, and the model still
+    learns (each rank sees half the prompts of every step, whole prompts only)."""
     import os
     import shutil
     import subprocess
@@ -270,7 +271,7 @@ def test_two_cpu_processes_train_the_reward_model(tmp_path):
     ).save_to_disk(str(tmp_path / "cmp"))
     out = tmp_path / "rm"
     result = subprocess.run(
-        [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "align.reward", *TINY, "--dataset_name", str(tmp_path / "cmp"),
          "--output_dir", str(out), "--num_train_epochs", "4", "--per_device_train_batch_size", "2",
          "--learning_rate", "3e-3", "--logging_steps", "4", "--max_length", "256"],
