@@ -387,7 +387,7 @@ class StageOutput:
             saved_path = self.partial / RUN_CONFIG
             saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
             if saved is not None and saved != json.loads(json.dumps(strip_secrets(self.config), default=str)):
-                changed = sorted(_changed_keys(saved, strip_secrets(self.config)))
+                changed = sorted(changed_keys(saved, strip_secrets(self.config)))
                 raise StageError(
                     self.stage,
                     f"{self.partial} holds an unfinished run with a different config (changed: "
@@ -423,11 +423,12 @@ class StageOutput:
         return self.output_dir
 
 
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the values that differ between two (nested) configs."""
     new = json.loads(json.dumps(new, default=str))
     if isinstance(old, dict) and isinstance(new, dict):
         keys = set(old) | set(new)
-        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+        return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
 
 

@@ -46,7 +46,16 @@ from typing import Any
 
 import yaml
 
-from align.common import HUB_NAME, MANIFEST, StageError, fingerprint, parse_config, run_stage, strip_secrets
+from align.common import (
+    HUB_NAME,
+    MANIFEST,
+    StageError,
+    changed_keys,
+    fingerprint,
+    parse_config,
+    run_stage,
+    strip_secrets,
+)
 
 STAGE = "pipeline"
 logger = logging.getLogger("align")
@@ -228,19 +237,20 @@ def _option(stage: PlannedStage, key: str) -> Any:
     return None
 
 
+def _reads(stage: PlannedStage) -> list[tuple[str, str, tuple[str, ...], bool]]:
+    """(option, path, stages that may produce it, must be a finished stage directory) for every input."""
+    reads = [(key, _option(stage, key), producers, key in stage.spec.directories)
+             for key, producers in stage.spec.inputs.items() if _option(stage, key) is not None]
+    if stage.name == "rag-eval":
+        reads += [("models", adapter, tuple(RAG_MODELS), True) for entry in _option(stage, "models") or []
+                  for adapter in entry.partition("=")[2].split("+")[1:]]
+    return reads
+
+
 def _check_chain(stage: PlannedStage, planned: list[PlannedStage], outputs: dict[str, Path]) -> None:
     """Every input an earlier stage of the right kind produces, or a finished directory / existing data."""
     later = [n for n in outputs if ORDER.index(n) > ORDER.index(stage.name)]
-    reads: list[tuple[str, str, tuple[str, ...], bool]] = []
-    for key, producers in stage.spec.inputs.items():
-        value = _option(stage, key)
-        if value is not None:
-            reads.append((key, value, producers, key in stage.spec.directories))
-    if stage.name == "rag-eval":
-        for entry in _option(stage, "models") or []:
-            for adapter in entry.partition("=")[2].split("+")[1:]:
-                reads.append(("models", adapter, tuple(RAG_MODELS), True))
-    for key, value, producers, must_be_directory in reads:
+    for key, value, producers, must_be_directory in _reads(stage):
         source = _producer(value, planned[:-1])
         where = f"stage '{stage.name}' option {key}={value}"
         if source is not None:
@@ -293,18 +303,12 @@ def stale_reason(stage: PlannedStage) -> str | None:
     expected = _identity(getattr(importlib.import_module(module_name), function)(*stage.parsed))
     recorded = _identity(manifest.get("config", {}))
     if expected != recorded:
-        changed = sorted(_differences(recorded, expected))
+        changed = sorted(changed_keys(recorded, expected))
         return f"config changed ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
     for name, source in manifest.get("inputs", {}).items():
         if fingerprint(source["path"]) != source["fingerprint"]:
             return f"input '{name}' changed ({source['path']})"
     return None
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in set(old) | set(new) for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
 
 
 # ----------------------------------------------------------------------------- running
@@ -332,7 +336,7 @@ def run(planned: list[PlannedStage], forced: set[str], only: str | None, dry_run
         stage = next(p for p in planned if p.name == only)
         for upstream in planned[:planned.index(stage)]:
             if not (upstream.output_dir / MANIFEST).is_file() and any(
-                    _same_path(v, upstream.output_dir) for v in _read_values(stage)):
+                    _same_path(v, upstream.output_dir) for _, v, _, _ in _reads(stage)):
                 raise StageError(STAGE, f"--only {only} reads {upstream.output_dir}, which '{upstream.name}' has "
                                  "not finished — run the pipeline without --only first")
     remade: list[PlannedStage] = []
@@ -340,7 +344,7 @@ def run(planned: list[PlannedStage], forced: set[str], only: str | None, dry_run
         head = f"[{number}/{total}] {stage.name}"
         if only is not None and stage.name != only:
             continue
-        upstream = next((p.name for p in remade if any(_same_path(v, p.output_dir) for v in _read_values(stage))),
+        upstream = next((p.name for p in remade if any(_same_path(v, p.output_dir) for _, v, _, _ in _reads(stage))),
                         None)
         if stage.name in forced:
             reason = "forced (--from/--only)"
@@ -368,13 +372,6 @@ def run(planned: list[PlannedStage], forced: set[str], only: str | None, dry_run
             return result.returncode
         print(f"{head}: done in {_duration(time.time() - started)} -> {stage.output_dir}", flush=True)
     return 0
-
-
-def _read_values(stage: PlannedStage) -> list:
-    values = [_option(stage, key) for key in stage.spec.inputs]
-    values += [a for entry in (_option(stage, "models") or []) if stage.name == "rag-eval"
-               for a in entry.partition("=")[2].split("+")[1:]]
-    return values
 
 
 def _duration(seconds: float) -> str:

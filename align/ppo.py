@@ -245,21 +245,15 @@ class PPOTrainer:
     def evaluate(self, prompts: Sequence[str | list[dict]], batch_size: int) -> list[float]:
         """Reward-model scores of the policy's greedy responses to `prompts`, as the policy is now (before the
         first update: the SFT model, since a new LoRA is the identity)."""
-        tokenizer = self.tokenizer
-        tokenizer.padding_side = "left"
+        from align.generation import GenerationSettings, generate
+
+        greedy = GenerationSettings(temperature=0, max_new_tokens=self.settings.max_new_tokens)
         self.policy.eval()
         scores: list[float] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
-            batch = tokenizer([self.render(p) for p in chunk], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(self.device)
-            sequences = self.policy.generate(**batch, do_sample=False, max_new_tokens=self.settings.max_new_tokens,
-                                             pad_token_id=tokenizer.pad_token_id)
-            texts = []
-            for ids in sequences[:, batch["input_ids"].shape[1]:].tolist():
-                end = next((i for i, token in enumerate(ids) if token in self.eos_ids), len(ids))
-                texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True).strip())
-            scores += [float(x) for x in torch.as_tensor(self.reward_fn(chunk, texts)).reshape(-1).tolist()]
+            texts = [g[0].text for g in generate(self.policy, self.tokenizer, [self.render(p) for p in chunk], greedy)]
+            scores += torch.as_tensor(self.reward_fn(chunk, texts), dtype=torch.float32).reshape(-1).tolist()
         return scores
 
     def sample(self, batch) -> torch.Tensor:
