@@ -18,7 +18,7 @@ STAGES = {
     "reward": ("align.reward", "reward model trained on K-wise rankings (or chosen/rejected pairs)"),
     "ppo": ("align.ppo", "PPO against a reward model: LoRA policy on the SFT model, value model from the reward model"),
     "pipeline": ("align.pipeline", "every stage above, then `rag eval`, from one YAML; up-to-date stages are skipped"),
-    "push": ("align.hub", "upload a trained adapter with its model card (lineage, config, metrics) to a model hub"),
+    "push": ("align.push", "upload a trained adapter with its model card (lineage, config, metrics) to a model hub"),
 }
 
 

@@ -50,30 +50,39 @@ Sampling runs in one process, on the GPU when there is one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
+from tqdm import tqdm
 
-from align.common import (
-    StageError,
-    StageOutput,
-    base_manifest,
-    load_stage_dataset,
-    now_iso,
-    parse_config,
-    run_stage,
-    save_dataset_atomic,
-    validate_columns,
+from align.core.command import StageError, now_iso, parse_config, run_stage
+from align.core.inputs import load_stage_dataset, validate_columns
+from align.core.journal import JournalWriter, replay
+from align.core.outputs import StageOutput, base_manifest, run_identity, save_dataset_atomic
+from align.lm.generation import Generation, GenerationSettings, generate, render_chat
+from align.lm.models import (
+    DEFAULT_EMBEDDING_MODEL,
+    DEFAULT_MODEL,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    require_adapter,
+    resolve_embedding_model,
+    resolve_model,
 )
-from align.generation import Generation, GenerationSettings, generate, render_chat
-from align.models import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
+from align.preferences import sources
+from align.preferences.format import (
+    as_messages,
+    check_ranking,
+    comparison_row,
+    comparisons_dataset,
+    validate_comparisons,
+)
+from align.preferences.prompts import prompt_records
+from align.preferences.rankers import degenerate_reason, rank_against_references
 
 STAGE = "comparisons"
 SOURCES = ("oasst", "hh-rlhf", "sample", "sheet")
@@ -157,104 +166,7 @@ class SamplingArguments:
 CONFIG_CLASSES = (ComparisonsArguments, SamplingArguments)
 
 
-# ----------------------------------------------------------------------------- the comparisons format
-
-
-def check_ranking(responses: Any, ranks: Any) -> str | None:
-    """Say what is wrong with one comparison's ranking, or None when it is valid.
-
-    Valid: K >= 2 string responses, one non-negative integer rank per response (0 = best), dense (the
-    values are exactly 0..max; ties share a value) and not all tied.
-    """
-    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-        return "responses must be a list of strings"
-    if len(responses) < 2:
-        return f"needs at least 2 responses to compare, got {len(responses)}"
-    if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
-        return f"ranks must be a list of integers, got {ranks!r}"
-    if len(ranks) != len(responses):
-        return f"{len(ranks)} ranks for {len(responses)} responses — give exactly one rank per response"
-    if any(r < 0 for r in ranks):
-        return f"ranks must be >= 0 (0 = best), got {ranks}"
-    if set(ranks) != set(range(max(ranks) + 1)):
-        return f"ranks {ranks} skip a value — use every number from 0 to the worst rank (ties share a number)"
-    if max(ranks) == 0:
-        return f"all {len(ranks)} responses are tied — a comparison needs a preference"
-    return None
-
-
-def _prompt_problem(prompt: Any) -> str | None:
-    if isinstance(prompt, list) and prompt and prompt[-1].get("role") != "user":
-        return f"the prompt must end with a user turn, not '{prompt[-1].get('role')}'"
-    return None
-
-
-def validate_comparisons(data: DatasetDict, stage: str, max_problems: int = 5) -> None:
-    """Check every split has the comparisons columns and every row a valid ranking.
-
-    Raises:
-        StageError: naming the split and row index of the first `max_problems` bad rows.
-    """
-    validate_columns(data, stage, {"prompt": "str|messages", "responses": "list[str]", "ranks": "list[int]"})
-    problems: list[str] = []
-    bad = 0
-    for split in data:
-        rows = data[split]
-        columns = zip(rows["prompt"], rows["responses"], rows["ranks"], strict=True)
-        for index, (prompt, responses, ranks) in enumerate(columns):
-            problem = check_ranking(responses, ranks) or _prompt_problem(prompt)
-            if problem:
-                bad += 1
-                if len(problems) < max_problems:
-                    problems.append(f"split '{split}' row {index}: {problem}")
-    if problems:
-        more = f"; ... and {bad - len(problems)} more bad rows" if bad > len(problems) else ""
-        raise StageError(stage, f"invalid comparisons: {'; '.join(problems)}{more} — fix or drop these rows "
-                         "(ranks: one per response, 0 = best, dense, not all equal)")
-
-
-def dense_ranks(keys: Sequence) -> list[int]:
-    """Dense ranks of sortable keys: the smallest gets 0, equal keys share a rank, no gaps.
-
-    [0, 2, 3] -> [0, 1, 2]; [5, 1, 5] -> [1, 0, 1].
-    """
-    position = {key: rank for rank, key in enumerate(sorted(set(keys)))}
-    return [position[key] for key in keys]
-
-
-def order_by_rank(responses: list[str], ranks: list[int]) -> tuple[list[str], list[int]]:
-    """Responses and ranks sorted best first (stable: tied responses keep their order)."""
-    order = sorted(range(len(ranks)), key=lambda i: ranks[i])
-    return [responses[i] for i in order], [ranks[i] for i in order]
-
-
-def comparison_row(prompt: list[dict], responses: list[str], ranks: list[int], ranker: str, source: str,
-                   source_id: str) -> dict:
-    """One row of the canonical format, responses best first."""
-    responses, ranks = order_by_rank(responses, ranks)
-    prompt = [{"role": turn["role"], "content": turn["content"]} for turn in prompt]
-    return {"prompt": prompt, "responses": responses, "ranks": ranks, "ranker": ranker, "source": source,
-            "source_id": source_id}
-
-
-def comparisons_dataset(splits: dict[str, list[dict]]) -> DatasetDict:
-    from datasets import Features, List, Value
-
-    features = Features({
-        "prompt": List({"role": Value("string"), "content": Value("string")}),
-        "responses": List(Value("string")),
-        "ranks": List(Value("int64")),
-        "ranker": Value("string"),
-        "source": Value("string"),
-        "source_id": Value("string"),
-    })
-    return DatasetDict({
-        name: Dataset.from_dict({column: [row[column] for row in rows] for column in features}, features=features)
-        for name, rows in splits.items()
-    })
-
-
-# ----------------------------------------------------------------------------- sampling and the reference ranker
+# ----------------------------------------------------------------------------- sampling
 
 
 def generate_responses(model, tokenizer, prompts: list[list[dict]], num_return_sequences: int,
@@ -262,41 +174,6 @@ def generate_responses(model, tokenizer, prompts: list[list[dict]], num_return_s
     """Sample `num_return_sequences` replies to each chat prompt (one batch); one list per prompt."""
     texts = [render_chat(tokenizer, prompt) for prompt in prompts]
     return generate(model, tokenizer, texts, settings, num_return_sequences)
-
-
-def degenerate_reason(text: str, truncated: bool = False, ngram: int = 3, max_repeats: int = 4) -> str | None:
-    """Why a response is degenerate ('empty', 'loop', 'truncated'), or None.
-
-    A loop is a word `ngram` occurring `max_repeats` or more times; truncated = cut off at max_new_tokens.
-    """
-    words = text.split()
-    if not words:
-        return "empty"
-    counts = Counter(tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1))
-    if counts and max(counts.values()) >= max_repeats:
-        return "loop"
-    return "truncated" if truncated else None
-
-
-def rank_by_scores(scores: Sequence[float], degenerate: Sequence[bool]) -> list[int]:
-    """Dense ranks, 0 = highest score, every degenerate response below every sound one; ties only for exactly
-    equal (degenerate, score)."""
-    return dense_ranks([(bool(bad), -float(score)) for score, bad in zip(scores, degenerate, strict=True)])
-
-
-def rank_against_references(embedder, responses: list[list[Generation]], references: list[str]) -> list[list[int]]:
-    """Rank each prompt's responses by cosine similarity to its reference answer (`rank_by_scores`).
-
-    Each distinct text is embedded once, so identical responses get identical scores (a tie).
-    """
-    texts = list(dict.fromkeys([g.text for group in responses for g in group] + list(references)))
-    vectors = embedder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
-    index = {text: i for i, text in enumerate(texts)}
-    ranks = []
-    for group, reference in zip(responses, references, strict=True):
-        scores = [float(vectors[index[g.text]] @ vectors[index[reference]]) for g in group]
-        ranks.append(rank_by_scores(scores, [degenerate_reason(g.text, g.truncated) is not None for g in group]))
-    return ranks
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -345,10 +222,7 @@ def run_config(args: ComparisonsArguments, sampling: SamplingArguments) -> dict:
     config = {"data": dataclasses.asdict(args)}
     if args.source == "sample":
         config["sampling"] = dataclasses.asdict(sampling)
-    # `restart`/`overwrite` only say what to do with existing directories; they do not change the run.
-    config["data"].pop("restart")
-    config["data"].pop("overwrite_output_dir")
-    return config
+    return run_identity(config)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -369,13 +243,11 @@ def main(argv: list[str] | None = None) -> Path:
 
 def import_comparisons(args: ComparisonsArguments) -> tuple[DatasetDict, dict]:
     """oasst / hh-rlhf / sheet: parse and check every selected record in memory (nothing is written)."""
-    from align import importers
-
     path = Path(args.input_path)
-    records = importers.read_sheet(path, STAGE) if args.source == "sheet" else importers.read_jsonl(path, STAGE)
+    records = sources.read_sheet(path, STAGE) if args.source == "sheet" else sources.read_jsonl(path, STAGE)
     train, test = select_records(len(records), args)
-    convert = {"oasst": importers.oasst_comparisons, "hh-rlhf": importers.hh_comparison,
-               "sheet": importers.sheet_comparison}[args.source]
+    convert = {"oasst": sources.oasst_comparisons, "hh-rlhf": sources.hh_comparison,
+               "sheet": sources.sheet_comparison}[args.source]
     counts: Counter = Counter(records=len(train) + len(test))
     if args.source == "hh-rlhf":
         counts["skipped_identical"] = 0  # reported even when nothing was skipped
@@ -384,12 +256,12 @@ def import_comparisons(args: ComparisonsArguments) -> tuple[DatasetDict, dict]:
     for split, index in [*(("train", i) for i in train), *(("test", i) for i in test)]:
         try:
             splits[split].extend(convert(records[index], counts))
-        except importers.RecordError as exc:
+        except sources.RecordError as exc:
             problems.append(exc.message)
             if len(problems) == (5 if args.source == "sheet" else 1):  # a sheet reports several rows at once
                 break
     if problems:
-        raise StageError(STAGE, f"{path}: {'; '.join(problems)} — {importers.FIXES[args.source]}")
+        raise StageError(STAGE, f"{path}: {'; '.join(problems)} — {sources.FIXES[args.source]}")
     data = comparisons_dataset(splits)
     validate_comparisons(data, STAGE)
     return data, dict(counts)
@@ -398,14 +270,10 @@ def import_comparisons(args: ComparisonsArguments) -> tuple[DatasetDict, dict]:
 def run_sampling(args: ComparisonsArguments, sampling: SamplingArguments, output: StageOutput, config: dict,
                  started: str) -> Path:
     """sample: K responses per prompt from the policy, journaled as they finish, then ranked (or a sheet)."""
-    import torch
-    from transformers import set_seed
-
-    from align import importers
-    from align.models import adapter_dir, load_causal_lm, load_tokenizer, resolve_embedding_model, resolve_model
+    from transformers import set_seed  # here, not at import: the other sources and every check need none
 
     human = sampling.ranker == "human" or args.export_sheet is not None
-    records = importers.prompt_records(load_stage_dataset(args.input_path, STAGE), args.input_split,
+    records = prompt_records(load_stage_dataset(args.input_path, STAGE), args.input_split,
                                        sampling.reference_column, need_reference=not human, stage=STAGE)
     train, test = select_records(len(records), args)
     selected = [records[i] for i in (*train, *test)]
@@ -417,10 +285,10 @@ def run_sampling(args: ComparisonsArguments, sampling: SamplingArguments, output
     tokenizer = load_tokenizer(model_path, STAGE)
     if not tokenizer.chat_template:
         raise StageError(STAGE, f"{sampling.model_name_or_path} has no chat template — use a chat (instruct) model")
-    if sampling.adapter and not (adapter_dir(sampling.adapter) / "adapter_config.json").exists():
-        raise StageError(STAGE, f"no adapter at {sampling.adapter} — pass an `align sft` output directory")
+    if sampling.adapter:
+        require_adapter(sampling.adapter, STAGE)
     embedding_path = None if human else resolve_embedding_model(sampling.embedding_model, STAGE)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
 
     partial = output.open()
     journal = partial / "journal.jsonl"
@@ -429,25 +297,20 @@ def run_sampling(args: ComparisonsArguments, sampling: SamplingArguments, output
     if done:
         logger.info("resuming: %d of %d prompts already sampled (%s)", len(done), len(selected), journal)
     if pending:
-        from tqdm import tqdm
-
         model = load_causal_lm(model_path, dtype=sampling.dtype, adapter=sampling.adapter, stage=STAGE)
         model.to(device).eval()
         settings = GenerationSettings(sampling.temperature, sampling.top_p, sampling.max_new_tokens)
-        with open(journal, "a", encoding="utf-8") as handle, \
+        with JournalWriter(journal) as writer, \
                 tqdm(total=len(selected), initial=len(done), desc="sampling", unit="prompt") as progress:
             for start in range(0, len(pending), sampling.batch_size):
                 positions = pending[start:start + sampling.batch_size]
                 set_seed(args.seed + positions[0])  # the same batch samples the same responses on a re-run
                 groups = generate_responses(model, tokenizer, [selected[p]["prompt"] for p in positions],
                                             sampling.num_responses, settings)
-                for position, group in zip(positions, groups, strict=True):
-                    done[position] = group
-                    handle.write(json.dumps({"position": position, "source_id": selected[position]["source_id"],
-                                             "responses": [g.text for g in group],
-                                             "truncated": [g.truncated for g in group]}) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+                done.update(zip(positions, groups, strict=True))
+                writer.write({"position": position, "source_id": selected[position]["source_id"],
+                              "responses": [g.text for g in group], "truncated": [g.truncated for g in group]}
+                             for position, group in zip(positions, groups, strict=True))
                 progress.update(len(positions))
     groups = [done[position] for position in range(len(selected))]
     counts: Counter = Counter(prompts=len(selected), resumed_prompts=len(selected) - len(pending),
@@ -459,7 +322,7 @@ def run_sampling(args: ComparisonsArguments, sampling: SamplingArguments, output
     if human:
         rows = [{"id": record["source_id"], "prompt": record["prompt"], "responses": [g.text for g in group]}
                 for record, group in zip(selected, groups, strict=True)]
-        importers.write_sheet(rows, sheet or partial / "sheet.jsonl", args.seed)
+        sources.write_sheet(rows, sheet or partial / "sheet.jsonl", args.seed)
         final = publish(output, partial, args, config, started, counts, base_model, inputs, sheet=sheet)
         _say_how_to_import(sheet or final / "sheet.jsonl", len(rows))
         return final
@@ -484,21 +347,17 @@ def run_sampling(args: ComparisonsArguments, sampling: SamplingArguments, output
 
 def read_journal(journal: Path, size: int) -> dict[int, list[Generation]]:
     """Prompts finished by an earlier, interrupted run; a line torn by a kill is dropped (and sampled again)."""
-    if not journal.exists():
-        return {}
     done: dict[int, list[Generation]] = {}
-    kept = []
-    for line in journal.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            position = int(record["position"])
-            group = [Generation(t, bool(c)) for t, c in zip(record["responses"], record["truncated"], strict=True)]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-        if 0 <= position < size and position not in done:
-            done[position] = group
-            kept.append(line)
-    journal.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def accept(record: dict) -> bool:
+        position = int(record["position"])
+        group = [Generation(t, bool(c)) for t, c in zip(record["responses"], record["truncated"], strict=True)]
+        if not 0 <= position < size or position in done:
+            return False
+        done[position] = group
+        return True
+
+    replay(journal, accept)
     return done
 
 
@@ -527,8 +386,6 @@ def publish(output: StageOutput, partial: Path, args: ComparisonsArguments, conf
 
 def export_sheet(args: ComparisonsArguments) -> Path:
     """`--source sheet --export_sheet PATH`: a ranking sheet from a dataset with `prompt` and `responses`."""
-    from align import importers
-
     path = Path(args.export_sheet)
     if path.exists() and not args.overwrite_output_dir:
         raise StageError(STAGE, f"{path} already exists — choose another --export_sheet or pass "
@@ -542,9 +399,9 @@ def export_sheet(args: ComparisonsArguments) -> Path:
     ids = [str(row.get("source_id") or "") for _, _, row in selected]
     if not all(ids) or len(set(ids)) < len(ids):  # no usable ids of its own: name rows by position
         ids = [f"{split}:{index}" for split, index, _ in selected]
-    rows = [{"id": sheet_id, "prompt": importers.as_messages(row["prompt"]), "responses": row["responses"]}
+    rows = [{"id": sheet_id, "prompt": as_messages(row["prompt"]), "responses": row["responses"]}
             for sheet_id, (_, _, row) in zip(ids, selected, strict=True)]
-    importers.write_sheet(rows, path, args.seed)
+    sources.write_sheet(rows, path, args.seed)
     _say_how_to_import(path, len(rows))
     return path
 

@@ -46,16 +46,9 @@ from typing import Any
 
 import yaml
 
-from align.common import (
-    HUB_NAME,
-    MANIFEST,
-    StageError,
-    changed_keys,
-    fingerprint,
-    parse_config,
-    run_stage,
-    strip_secrets,
-)
+from align.core.command import StageError, parse_config, run_stage
+from align.core.inputs import HUB_NAME
+from align.core.outputs import MANIFEST, NOT_IDENTITY, changed_keys, fingerprint, strip_secrets
 
 STAGE = "pipeline"
 logger = logging.getLogger("align")
@@ -76,12 +69,12 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {
     "self-instruct": StageSpec(("align.cli", "self-instruct"), "self-instruct", "align.self_instruct",
                                "align.self_instruct:run_config"),
-    "sft": StageSpec(("align.cli", "sft"), "sft", "align.sft", "align.training:run_config",
+    "sft": StageSpec(("align.cli", "sft"), "sft", "align.sft", "align.lm.training:run_config",
                      {"dataset_name": ("self-instruct",)}),
     "comparisons": StageSpec(("align.cli", "comparisons"), "comparisons", "align.comparisons",
                              "align.comparisons:run_config",
                              {"input_path": ("self-instruct",), "adapter": ("sft",)}, ("adapter",)),
-    "reward": StageSpec(("align.cli", "reward"), "reward", "align.reward", "align.training:run_config",
+    "reward": StageSpec(("align.cli", "reward"), "reward", "align.reward", "align.lm.training:run_config",
                         {"dataset_name": ("comparisons",), "sft_adapter": ("sft",)}, ("sft_adapter",)),
     "ppo": StageSpec(("align.cli", "ppo"), "ppo", "align.ppo", "align.ppo:run_config",
                      {"dataset_name": ("self-instruct",), "sft_adapter": ("sft",), "reward_model": ("reward",)},
@@ -92,7 +85,6 @@ ORDER = list(STAGES)
 # Which stages' adapters `rag-eval` compares with the base model, under which name.
 RAG_MODELS = {"sft": "sft", "ppo": "ppo"}
 # Options that say what to do with existing directories: not part of what a stage computes.
-RUN_ONLY_KEYS = {"restart", "overwrite_output_dir"}
 TOP_LEVEL_KEYS = {"output_dir", "model_name_or_path", "stages"}
 
 
@@ -279,12 +271,13 @@ def _check_chain(stage: PlannedStage, planned: list[PlannedStage], outputs: dict
 
 
 def _identity(config: Any) -> Any:
-    """A config as its manifest stores it (JSON, secrets stripped), without the run-only keys."""
+    """A config as its manifest stores it (JSON, secrets stripped), without the options that are not part of a
+    run's identity (at any depth: `rag eval` nests its groups)."""
     config = json.loads(json.dumps(strip_secrets(config), default=str))
 
     def drop(value):
         if isinstance(value, dict):
-            return {k: drop(v) for k, v in value.items() if k not in RUN_ONLY_KEYS}
+            return {k: drop(v) for k, v in value.items() if k not in NOT_IDENTITY}
         return value
 
     return drop(config)

@@ -28,273 +28,35 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
-from transformers import Trainer, set_seed
+from peft import get_peft_model
+from transformers import set_seed
 from trl import ModelConfig, RewardConfig
+from trl.trainer.utils import disable_dropout_in_model
 
-from align.common import (
-    StageError,
-    load_stage_dataset,
-    now_iso,
-    run_stage,
-    validate_columns,
-)
-from align.hub import check_stage_push, push_after_stage, write_model_card
-from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, merge_adapter, resolve_model
-from align.training import (
-    RunArguments,
+from align.core.command import StageError, now_iso, run_stage
+from align.core.hub import check_stage_push, push_after_stage
+from align.core.inputs import load_stage_dataset, validate_columns
+from align.core.model_card import write_model_card
+from align.core.outputs import RunArguments
+from align.lm.models import DEFAULT_MODEL, load_tokenizer, lora_config, resolve_model
+from align.lm.training import (
     TrainingDefaults,
     TrainingRun,
     can_evaluate_before_training,
     hold_out,
     parse_training_config,
 )
+from align.preferences.format import validate_comparisons
+from align.rlhf.ranking_loss import ranking_pairs
+from align.rlhf.ranking_trainer import RankingCollator, RankingRewardTrainer, score_rows, tokenize_comparisons
+from align.rlhf.reward_model import build_reward_model
 
 STAGE = "reward"
 logger = logging.getLogger("align")
-
-
-# ----------------------------------------------------------------------------- the K-wise loss (pure)
-
-
-def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
-    """All ordered pairs (better, worse) of a ranking; 0 is best, equal ranks are ties (no pair).
-
-    >>> ranking_pairs([1, 0, 1])
-    [(1, 0), (1, 2)]
-    """
-    return [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
-
-
-def kwise_loss(
-    rewards: torch.Tensor,
-    better: torch.Tensor,
-    worse: torch.Tensor,
-    pair_prompt: torch.Tensor,
-    num_prompts: int,
-    margins: torch.Tensor | None = None,
-    weighting: str = "pair",
-) -> torch.Tensor:
-    """-log sigmoid(r_better - r_worse - margin), averaged over the batch's pairs.
-
-    `weighting="pair"`: the mean over all ordered pairs of the batch, so a prompt counts as many times as
-    it has pairs (the same weight TRL gives pairs). `weighting="prompt"`: the mean over each prompt's
-    pairs, then over prompts (InstructGPT's 1/C(K,2) normalisation), so every prompt counts once.
-
-    Args:
-        rewards: [N] one scalar per response in the batch (all prompts' responses, flattened).
-        better, worse: [P] indices into `rewards` of each pair's preferred and dispreferred response.
-        pair_prompt: [P] which prompt (0..num_prompts-1) each pair belongs to.
-        num_prompts: prompts in the batch that have at least one pair.
-        margins: [P] optional margin each pair must be won by.
-        weighting: "pair" or "prompt" (see above).
-
-    Returns:
-        A scalar tensor.
-    """
-    difference = rewards[better] - rewards[worse]  # [P]
-    if margins is not None:
-        difference = difference - margins
-    pair_losses = -F.logsigmoid(difference)  # [P]
-    if weighting == "pair":
-        return pair_losses.mean()
-    if weighting != "prompt":
-        raise ValueError(f"weighting must be 'pair' or 'prompt', got {weighting!r}")
-    pairs_per_prompt = torch.bincount(pair_prompt, minlength=num_prompts).clamp(min=1)  # [B]
-    per_prompt = torch.zeros(num_prompts, dtype=pair_losses.dtype, device=pair_losses.device)
-    per_prompt = per_prompt.index_add(0, pair_prompt, pair_losses) / pairs_per_prompt  # [B]
-    return per_prompt.mean()
-
-
-def centering_penalty(rewards: torch.Tensor, sequence_prompt: torch.Tensor, num_prompts: int) -> torch.Tensor:
-    """Mean over prompts of (2 * mean reward of the prompt's responses)^2; equals TRL's
-    mean((r_chosen + r_rejected)^2) when K = 2, and keeps rewards centred on zero for any K.
-
-    Args:
-        rewards: [N]; sequence_prompt: [N] the prompt index of each response.
-    """
-    sums = torch.zeros(num_prompts, dtype=rewards.dtype, device=rewards.device).index_add(0, sequence_prompt, rewards)
-    counts = torch.bincount(sequence_prompt, minlength=num_prompts).clamp(min=1)
-    return ((2 * sums / counts) ** 2).mean()
-
-
-class RankingCollator:
-    """Flattens a batch of whole prompts into one padded batch of responses plus the pair indices.
-
-    Rows carry `input_ids` (list of K token lists) and `ranks` (K ints); the collator never splits a
-    prompt: its K sequences and all its pairs are in the same batch.
-    """
-
-    def __init__(self, pad_token_id: int, rank_margin: float = 0.0):
-        self.pad_token_id = pad_token_id
-        self.rank_margin = rank_margin
-
-    def __call__(self, rows: list[dict]) -> dict:
-        sequences, sequence_prompt, better, worse, pair_prompt, margins = [], [], [], [], [], []
-        for prompt_index, row in enumerate(rows):
-            offset = len(sequences)
-            sequences.extend(row["input_ids"])
-            sequence_prompt.extend([prompt_index] * len(row["input_ids"]))
-            for i, j in ranking_pairs(row["ranks"]):
-                better.append(offset + i)
-                worse.append(offset + j)
-                pair_prompt.append(prompt_index)
-                margins.append(self.rank_margin * (row["ranks"][j] - row["ranks"][i]))
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)  # [N, L]
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [N, L]
-        for index, sequence in enumerate(sequences):  # right padding: the reward is read at the last token
-            input_ids[index, : len(sequence)] = torch.tensor(sequence)
-            attention_mask[index, : len(sequence)] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "sequence_prompt": torch.tensor(sequence_prompt),
-            "better": torch.tensor(better, dtype=torch.long),
-            "worse": torch.tensor(worse, dtype=torch.long),
-            "pair_prompt": torch.tensor(pair_prompt, dtype=torch.long),
-            "margins": torch.tensor(margins, dtype=torch.float),
-            "num_prompts": len(rows),
-        }
-
-
-def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[N] scalar rewards: transformers pools the score head at each sequence's rightmost non-pad token
-    (with ChatML that is the newline after the reply's <|im_end|>, which sees the whole reply)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [N, 1], pooled by the head
-    return logits.squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- tokenization
-
-
-def encode_response(tokenizer, prompt, response: str, max_length: int | None) -> tuple[list[int], str | None]:
-    """Token ids of prompt + response in the model's chat format, at most `max_length` long (None: no limit).
-
-    Too long: the prompt loses tokens from its left and the response is kept whole. A response too long
-    to fit beside the last quarter of the limit's worth of prompt keeps its beginning, so the model still
-    sees the end of the question. Returns (ids, "prompt" | "response" | None), the second saying what was cut.
-    """
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if tokenizer.chat_template:
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
-                                                  tokenize=False)
-        if not full_text.startswith(prompt_text):  # a template that rewrites earlier turns: split by length
-            prompt_text = full_text[: max(0, len(full_text) - len(response))]
-        response_text = full_text[len(prompt_text):]
-    else:
-        prompt_text = "\n".join(m["content"] for m in messages) + "\n"
-        response_text = response + (tokenizer.eos_token or "")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    if max_length is None or len(prompt_ids) + len(response_ids) <= max_length:
-        return prompt_ids + response_ids, None
-    prompt_share = min(len(prompt_ids), max_length // 4)
-    if len(response_ids) > max_length - prompt_share:
-        kept_prompt = prompt_ids[len(prompt_ids) - prompt_share:] if prompt_share else []
-        return kept_prompt + response_ids[: max_length - prompt_share], "response"
-    room = max_length - len(response_ids)
-    if len(prompt_ids) > room:
-        return prompt_ids[len(prompt_ids) - room:] + response_ids, "prompt"
-    return prompt_ids + response_ids, None
-
-
-def tokenize_comparisons(data: Dataset, tokenizer, max_length: int) -> tuple[Dataset, dict]:
-    """Add `input_ids` (K token lists per row); count truncations instead of dropping anything."""
-    counts = {"prompt": 0, "response": 0}
-
-    def encode(row):
-        ids = []
-        for response in row["responses"]:
-            encoded, truncated = encode_response(tokenizer, row["prompt"], response, max_length)
-            if truncated:
-                counts[truncated] += 1
-            ids.append(encoded)
-        return {"input_ids": ids}
-
-    encoded = data.map(encode, desc="tokenizing", load_from_cache_file=False)
-    return encoded, {"truncated_prompts": counts["prompt"], "truncated_responses": counts["response"]}
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def score_rows(model, rows: Dataset, collator: RankingCollator, batch_size: int = 8) -> list[list[float]]:
-    """Rewards of every response of every row (tokenized), in order."""
-    model.eval()
-    device = next(model.parameters()).device
-    scores: list[list[float]] = []
-    for start in range(0, len(rows), batch_size):
-        batch_rows = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        batch = collator(batch_rows)
-        rewards = sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        rewards = rewards.float().cpu().tolist()
-        offset = 0
-        for row in batch_rows:
-            scores.append(rewards[offset: offset + len(row["input_ids"])])
-            offset += len(row["input_ids"])
-    return scores
-
-
-def ranking_metrics(scores: list[list[float]], ranks: list[list[int]]) -> dict:
-    """Pairwise accuracy (ties in the reward count as half), overall and by K, and the mean margin
-    r_better - r_worse over all ordered pairs of the rankings."""
-    correct, margins = 0.0, []
-    by_k: dict[int, list[float]] = defaultdict(list)
-    for row_scores, row_ranks in zip(scores, ranks, strict=True):
-        for i, j in ranking_pairs(row_ranks):
-            won = 1.0 if row_scores[i] > row_scores[j] else 0.5 if row_scores[i] == row_scores[j] else 0.0
-            correct += won
-            by_k[len(row_ranks)].append(won)
-            margins.append(row_scores[i] - row_scores[j])
-    pairs = len(margins)
-    return {
-        "accuracy": correct / pairs if pairs else float("nan"),
-        "mean_margin": sum(margins) / pairs if pairs else float("nan"),
-        "pairs": pairs,
-        "accuracy_by_k": {str(k): sum(v) / len(v) for k, v in sorted(by_k.items())},
-    }
-
-
-class RankingRewardTrainer(Trainer):
-    """transformers' Trainer with the K-wise loss and ranking evaluation."""
-
-    def __init__(self, *args, rank_collator: RankingCollator, center_rewards_coefficient: float | None = None,
-                 pair_weighting: str = "pair", **kwargs):
-        super().__init__(*args, data_collator=rank_collator, **kwargs)
-        self.rank_collator = rank_collator
-        self.pair_weighting = pair_weighting
-        self.center_rewards_coefficient = center_rewards_coefficient
-        self.model_accepts_loss_kwargs = False  # our loss is already a mean; let Trainer scale for accumulation
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rewards = sequence_rewards(model, inputs["input_ids"], inputs["attention_mask"])  # [N]
-        loss = kwise_loss(rewards, inputs["better"], inputs["worse"], inputs["pair_prompt"],
-                          inputs["num_prompts"], inputs["margins"], self.pair_weighting)
-        if self.center_rewards_coefficient:
-            loss = loss + self.center_rewards_coefficient * centering_penalty(
-                rewards, inputs["sequence_prompt"], inputs["num_prompts"])
-        return (loss, {"rewards": rewards}) if return_outputs else loss
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        scores = score_rows(model, dataset, self.rank_collator, self.args.per_device_eval_batch_size)
-        model.train(was_training)
-        metrics = ranking_metrics(scores, dataset["ranks"])
-        flat = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if k != "accuracy_by_k"}
-        flat.update({f"{metric_key_prefix}_accuracy_k{k}": v for k, v in metrics["accuracy_by_k"].items()})
-        self.log(flat)
-        return flat
 
 
 # ----------------------------------------------------------------------------- config
@@ -373,8 +135,6 @@ CONFIG_CLASSES = (RewardDataArguments, RewardStageConfig, RewardModelConfig)
 
 def to_comparisons(data: DatasetDict, args: RewardDataArguments, seed: int) -> DatasetDict:
     """Validate either format and return {train, eval?} with `prompt, responses, ranks`."""
-    from align.comparisons import validate_comparisons
-
     train_split = args.dataset_train_split
     if train_split not in data:
         raise StageError(STAGE, f"split '{train_split}' not found in {args.dataset_name} (found: "
@@ -412,53 +172,10 @@ def _pairs_to_comparisons(rows: Dataset, split: str) -> Dataset:
     })
 
 
-# ----------------------------------------------------------------------------- models
-
-
-def build_reward_model(model_path: str, tokenizer, sft_adapter: str | None, dtype=None, stage: str = STAGE):
-    """A one-output sequence-classification model on the base (with the SFT adapter merged in, if given)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=1, dtype=dtype or "auto", trust_remote_code=False, use_safetensors=True,
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if sft_adapter:
-        merged = merge_adapter(load_causal_lm(model_path, dtype=dtype, stage=stage), sft_adapter, stage=stage)
-        backbone = getattr(model, model.base_model_prefix)
-        backbone.load_state_dict(getattr(merged, merged.base_model_prefix).state_dict())
-    return model
-
-
-def load_reward_model(output_dir: str | Path, dtype=None):
-    """Load a finished reward stage output (base [+ SFT adapter] + reward adapter + score head), frozen.
-
-    Returns (model, tokenizer, manifest); the manifest's metrics hold reward_mean/reward_std.
-    """
-    from peft import PeftModel
-
-    from align.common import read_manifest
-
-    output_dir = Path(output_dir)
-    manifest = read_manifest(output_dir)
-    if manifest.get("stage") != STAGE:
-        raise StageError(STAGE, f"{output_dir} is a '{manifest.get('stage')}' output, not a reward model")
-    model_config = manifest["config"]["model"]
-    model_path = resolve_model(model_config["model_name_or_path"], STAGE)
-    tokenizer = load_tokenizer(str(output_dir / "adapter"), STAGE)
-    model = build_reward_model(model_path, tokenizer, model_config.get("sft_adapter"), dtype=dtype)
-    model = PeftModel.from_pretrained(model, str(output_dir / "adapter")).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model, tokenizer, manifest
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from trl.trainer.utils import disable_dropout_in_model
-
     data_args, training_args, model_args, config, output = parse_training_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
 
@@ -485,8 +202,6 @@ def main(argv: list[str] | None = None) -> Path:
     model = build_reward_model(model_path, tokenizer, model_args.sft_adapter, dtype=model_args.dtype)
     if training_args.disable_dropout:
         disable_dropout_in_model(model)
-    from peft import get_peft_model
-
     model = get_peft_model(model, lora_config(model_args))
     collator = RankingCollator(tokenizer.pad_token_id, training_args.rank_margin)
     trainer = RankingRewardTrainer(

@@ -18,24 +18,21 @@ eval loss, config, input fingerprints) and `logs/` (metrics.jsonl, TensorBoard).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import DatasetDict
-from trl import ModelConfig, SFTConfig
+from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from align.common import (
-    StageError,
-    load_stage_dataset,
-    now_iso,
-    run_stage,
-    validate_columns,
-)
-from align.hub import check_stage_push, push_after_stage, write_model_card
-from align.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, resolve_model
-from align.training import (
-    RunArguments,
+from align.core.command import StageError, now_iso, run_stage
+from align.core.hub import check_stage_push, push_after_stage
+from align.core.inputs import load_stage_dataset, validate_columns
+from align.core.model_card import write_model_card
+from align.core.outputs import RunArguments
+from align.lm.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, lora_config, resolve_model
+from align.lm.training import (
     TrainingDefaults,
     TrainingRun,
     can_evaluate_before_training,
@@ -134,8 +131,6 @@ def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from trl import SFTTrainer
-
     data_args, training_args, model_args, config, output = parse_training_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
 
@@ -204,8 +199,6 @@ def main(argv: list[str] | None = None) -> Path:
 def _baseline_eval_loss(trainer, partial: Path, is_main: bool) -> float:
     """Eval loss of the untouched base model (a fresh LoRA adapter is the identity), measured once per
     run and kept in the partial directory so a resumed run reports the same number."""
-    import json
-
     path = partial / "logs" / "baseline.json"
     measured = path.exists()
     trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 can write the file

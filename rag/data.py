@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from datasets import Dataset, DatasetDict, load_from_disk
 
-from align.common import StageError, parse_json_lines, read_text
+from align.core.command import StageError
+from align.core.inputs import parse_json_lines, read_text
 from rag.metrics import contains_answer
 
 POSITION_WORDS = ("first", "middle", "last")
@@ -47,8 +49,6 @@ def read_rows(path: str | os.PathLike, stage: str) -> list[tuple[str, dict]]:
     """(location for messages, row) from a JSONL(.gz)/JSON file or a saved dataset directory."""
     path = Path(path).expanduser()
     if path.is_dir():
-        from datasets import Dataset, DatasetDict, load_from_disk
-
         try:
             data = load_from_disk(str(path / "dataset" if (path / "dataset").is_dir() else path))
         except (FileNotFoundError, ValueError) as exc:

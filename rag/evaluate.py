@@ -30,22 +30,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.common import (
-    StageError,
-    StageOutput,
-    base_manifest,
-    now_iso,
-    parse_config,
-    run_stage,
-    save_dataset_atomic,
-    write_json_atomic,
+from datasets import Dataset
+from tqdm import tqdm
+
+from align.core.command import StageError, now_iso, parse_config, run_stage
+from align.core.journal import JournalWriter, replay
+from align.core.outputs import StageOutput, base_manifest, save_dataset_atomic, write_json_atomic
+from align.lm.generation import GenerationSettings, generate, render_chat
+from align.lm.models import (
+    adapter_dir,
+    has_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    merge_adapter,
+    pick_device,
+    resolve_model,
 )
+from rag import report
+from rag.data import (
+    DistractorMiner,
+    build_contexts,
+    gold_passage,
+    kv_context,
+    load_corpus,
+    load_kv_records,
+    load_records,
+)
+from rag.hallucination import GroundingChecker
+from rag.metrics import best_subspan_em, exact_match
 from rag.position import ARMS, Cell, plan_cells, select_questions
+from rag.retrieval import Embedder
+from rag.similarity import Calibrator, alias_similarity, fit_calibration, pairs_from_records
 
 STAGE = "rag eval"
 BENCHMARKS = ("qa", "kv")
@@ -120,8 +139,6 @@ def parse_models(entries: Sequence[str], stage: str = STAGE) -> list[ModelSpec]:
 
 def adapter_chain(adapters: Sequence[str]) -> list[str]:
     """Adapters to merge in order: a PPO output is preceded by the SFT adapter named in its manifest."""
-    from align.models import adapter_dir
-
     chain: list[str] = []
     seen: set[Path] = set()
 
@@ -146,9 +163,7 @@ def adapter_chain(adapters: Sequence[str]) -> list[str]:
 
 def check_prompt_lengths(specs: Sequence[ModelSpec], tasks: list[dict], args: EvalArguments) -> None:
     """Fail before any work when the longest prompt plus the answer does not fit a model's context."""
-    from transformers import AutoConfig
-
-    from align.models import load_tokenizer, resolve_model
+    from transformers import AutoConfig  # torch and transformers load only once a run starts, not for --help
 
     longest = max(tasks, key=lambda t: len(t["prompt"]))["prompt"]  # by characters; tokens follow closely
     for spec in specs:
@@ -166,8 +181,6 @@ def check_prompt_lengths(specs: Sequence[ModelSpec], tasks: list[dict], args: Ev
 
 
 def load_model(spec: ModelSpec, dtype: str, device: str):
-    from align.models import load_causal_lm, load_tokenizer, merge_adapter, resolve_model
-
     path = resolve_model(spec.model, STAGE)
     tokenizer = load_tokenizer(path, STAGE)
     model = load_causal_lm(path, dtype=None if dtype == "auto" else dtype, stage=STAGE)
@@ -200,8 +213,6 @@ def prompt_text(benchmark: str, question: str, ctxs: Sequence) -> str:
 def render_prompt(tokenizer, benchmark: str, text: str) -> str:
     """As a chat turn when the tokenizer has a chat template; otherwise plain text ending where the answer goes."""
     if tokenizer.chat_template:
-        from align.generation import render_chat
-
         return render_chat(tokenizer, [{"role": "user", "content": text}])
     return f"{text}\n{'Value' if benchmark == 'kv' else 'Answer'}:"
 
@@ -214,7 +225,6 @@ def build_cell_contexts(args: EvalArguments, records: list[dict], cells: list[Ce
     """{cell key: the context shown with each record}: [] closed-book, [gold] oracle, k passages/pairs.
     Distractors come from `corpus` (default: the corpus file plus the passages of `records`); pass the corpus
     of every record of the benchmark when `records` is a subset, as `rag eval` and `rag build` do."""
-    from rag.data import DistractorMiner, build_contexts, gold_passage, kv_context, load_corpus
 
     contexts: dict[str, list] = {}
     documents = [c for c in cells if c.arm == "documents"]
@@ -248,47 +258,35 @@ def build_cell_contexts(args: EvalArguments, records: list[dict], cells: list[Ce
 def read_journal(path: Path) -> dict[tuple[str, str, str], dict]:
     """Answers of an interrupted run keyed by (model, cell, question id); a torn last line is dropped."""
     done: dict[tuple[str, str, str], dict] = {}
-    if not path.exists():
-        return done
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-            key = (entry["model"], entry["cell"], entry["question_id"])
-            value = {"output": str(entry["output"]), "truncated": bool(entry["truncated"])}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-        if key not in done:
-            done[key] = value
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")  # a kill while rewriting must not lose the journal
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+
+    def accept(entry: dict) -> bool:
+        key = (entry["model"], entry["cell"], entry["question_id"])
+        if key in done:
+            return False
+        done[key] = {"output": str(entry["output"]), "truncated": bool(entry["truncated"])}
+        return True
+
+    replay(path, accept)
     return done
 
 
 def generate_answers(spec: ModelSpec, tasks: list[dict], args: EvalArguments, journal: Path,
                      done: dict, device: str) -> None:
     """Answer every task of one model that the journal does not hold yet, longest prompts first, in batches."""
-    from tqdm import tqdm
-
     pending = [t for t in tasks if (spec.name, t["cell"], t["question_id"]) not in done]
     if not pending:
         return
     model, tokenizer = load_model(spec, args.dtype, device)
     texts = [render_prompt(tokenizer, args.benchmark, t["prompt"]) for t in pending]
-    with open(journal, "a", encoding="utf-8") as handle, \
+    with JournalWriter(journal) as writer, \
             tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc=f"answering ({spec.name})",
                  unit="answer") as progress:
         for batch, outputs in answer_batches(model, tokenizer, texts, args.batch_size, args.max_new_tokens):
-            for i, generation in zip(batch, outputs, strict=True):
-                task = pending[i]
-                entry = {"model": spec.name, "cell": task["cell"], "question_id": task["question_id"],
-                         "output": generation.text, "truncated": generation.truncated}
-                done[(spec.name, task["cell"], task["question_id"])] = entry
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+            entries = [{"model": spec.name, "cell": pending[i]["cell"], "question_id": pending[i]["question_id"],
+                        "output": generation.text, "truncated": generation.truncated}
+                       for i, generation in zip(batch, outputs, strict=True)]
+            done.update(((e["model"], e["cell"], e["question_id"]), e) for e in entries)
+            writer.write(entries)
             progress.update(len(batch))
     del model
 
@@ -297,7 +295,6 @@ def answer_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_
     """Greedy short answers: yields (indices into `texts`, their Generations) batch by batch, longest prompts
     first (similar lengths share a batch, so little padding; the largest batch comes first, so a memory error
     shows at once). Each answer ends at its first newline."""
-    from align.generation import GenerationSettings, generate
 
     lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -312,9 +309,6 @@ def answer_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_
 
 def score_examples(rows: list[dict], embedder, calibrator, checker) -> None:
     """Add the correctness, similarity and grounding fields to each example row (in place)."""
-    from rag.metrics import best_subspan_em, exact_match
-    from rag.similarity import alias_similarity
-
     similarities = alias_similarity(embedder, [r["output"] for r in rows], [r["answers"] for r in rows])
     probabilities = calibrator(similarities).tolist()
     grounding = checker.check_many([r["output"] for r in rows], [r["passages"] for r in rows])
@@ -331,8 +325,6 @@ def score_examples(rows: list[dict], embedder, calibrator, checker) -> None:
 
 def calibration_for(args: EvalArguments, records: list[dict], embedder):
     """The configured calibration, or one fitted on pairs built from the benchmark's records."""
-    from rag.similarity import Calibrator, fit_calibration, pairs_from_records
-
     if args.calibration:
         return Calibrator.load(args.calibration, STAGE), {"source": args.calibration}
     if args.benchmark == "kv":  # identifiers: the same or not, nothing in between
@@ -347,8 +339,6 @@ def calibration_for(args: EvalArguments, records: list[dict], embedder):
 
 def validate(args: EvalArguments) -> tuple[list[ModelSpec], list[Cell]]:
     """Everything that can be checked before loading a model; errors are one line, exit code 2."""
-    from align.models import adapter_dir, resolve_model
-
     if args.benchmark not in BENCHMARKS:
         raise StageError(STAGE, f"unknown benchmark {args.benchmark!r} — choose qa or kv")
     if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -360,10 +350,10 @@ def validate(args: EvalArguments) -> tuple[list[ModelSpec], list[Cell]]:
     for spec in specs:
         resolve_model(spec.model, STAGE)
         for adapter in spec.adapters:
-            if not (adapter_dir(adapter) / "adapter_config.json").exists():
+            if not has_adapter(adapter):
                 raise StageError(STAGE, f"model {spec.name}: no adapter at {adapter} — pass a training stage's output")
         for adapter in adapter_chain(spec.adapters):  # e.g. the SFT adapter a PPO output names
-            if not (adapter_dir(adapter) / "adapter_config.json").exists():
+            if not has_adapter(adapter):
                 raise StageError(STAGE, f"model {spec.name}: the SFT adapter {adapter} its PPO adapter was trained on "
                                  "is missing — pass it explicitly: NAME=MODEL+SFT+PPO")
     return specs, cells
@@ -375,14 +365,6 @@ def run_config(args: EvalArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    import torch
-    from datasets import Dataset
-
-    from rag import report
-    from rag.data import load_kv_records, load_records
-    from rag.hallucination import GroundingChecker
-    from rag.retrieval import Embedder
-
     (args,) = parse_config(STAGE, (EvalArguments,), argv, module="rag.evaluate")
     specs, cells = validate(args)
     config = run_config(args)
@@ -399,8 +381,6 @@ def main(argv: list[str] | None = None) -> Path:
     chosen = [records[i] for i in select_questions(len(records), args.num_questions, args.seed)]
     corpus = None
     if args.benchmark == "qa" and "documents" in args.arms:
-        from rag.data import load_corpus
-
         corpus = load_corpus(args.corpus, records, STAGE)  # distractors from every record, not only the subset
         if max(args.num_documents) > len(corpus):
             raise StageError(STAGE, f"{max(args.num_documents)} documents per context but the corpus has only "
@@ -423,7 +403,7 @@ def main(argv: list[str] | None = None) -> Path:
     done = read_journal(journal)
     if done:
         logger.info("resuming: %d of %d answers already in %s", len(done), len(tasks) * len(specs), journal)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     for spec in specs:
         generate_answers(spec, tasks, args, journal, done, device)
 

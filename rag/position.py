@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.common import StageError, StageOutput, base_manifest, now_iso, parse_config, run_stage
-from rag.data import POSITION_WORDS, resolve_position
+from align.core.command import StageError, now_iso, parse_config, run_stage
+from align.core.outputs import StageOutput, base_manifest
+from rag.data import POSITION_WORDS, DistractorMiner, build_contexts, load_corpus, load_records, resolve_position
+from rag.retrieval import Embedder
 
 STAGE = "rag build"
 ARMS = ("closed_book", "oracle", "documents")
@@ -93,9 +95,6 @@ class BuildArguments:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from rag.data import DistractorMiner, build_contexts, load_corpus, load_records
-    from rag.retrieval import Embedder
-
     (args,) = parse_config(STAGE, (BuildArguments,), argv, module="rag.position")
     if args.num_questions is not None and args.num_questions < 1:
         raise StageError(STAGE, f"num_questions must be at least 1, got {args.num_questions}")

@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from align.common import StageError, parse_config, run_stage, write_json_atomic
+from align.core.command import StageError, parse_config, run_stage
+from align.core.outputs import write_json_atomic
+from align.lm.models import resolve_embedding_model
+from rag.data import Passage, gold_passage, load_corpus, load_records, passage_text
 
 STAGE = "rag retrieval"
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
@@ -40,8 +43,6 @@ class Embedder:
                  stage: str = "rag"):
         import torch
         from sentence_transformers import SentenceTransformer
-
-        from align.models import resolve_embedding_model
 
         self.name = name_or_path
         self.path = resolve_embedding_model(name_or_path, stage)
@@ -129,8 +130,6 @@ class RetrievalArguments:
 
 
 def evaluate_retrieval(args: RetrievalArguments) -> dict:
-    from rag.data import Passage, gold_passage, load_corpus, load_records, passage_text
-
     if args.index not in INDEX_KINDS:
         raise StageError(STAGE, f"unknown index {args.index!r} — choose one of {', '.join(INDEX_KINDS)}")
     if not args.cutoffs or min(args.cutoffs) < 1:

@@ -24,6 +24,7 @@ calibrated probability on the held-out part. `isotonic` (default) is a non-decre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -33,8 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datasets import Dataset, load_from_disk
 
-from align.common import StageError, StageOutput, base_manifest, now_iso, parse_config, run_stage, write_json_atomic
+from align.core.command import StageError, now_iso, parse_config, run_stage
+from align.core.outputs import StageOutput, base_manifest, write_json_atomic
+from rag.data import load_records, read_rows
 from rag.metrics import (
     brier_score,
     contains_answer,
@@ -43,6 +47,7 @@ from rag.metrics import (
     normalize_answer,
     roc_auc,
 )
+from rag.retrieval import Embedder
 
 STAGE = "rag calibrate"
 METHODS = ("isotonic", "logistic")
@@ -179,8 +184,6 @@ def _other_record(records: Sequence[dict], i: int, rng: random.Random, tries: in
 
 
 def pairs_from_file(path: str | Path, stage: str = STAGE) -> list[dict]:
-    from rag.data import read_rows
-
     pairs = []
     for where, row in read_rows(path, stage):
         row = row if isinstance(row, dict) else {}
@@ -198,8 +201,6 @@ def pairs_from_file(path: str | Path, stage: str = STAGE) -> list[dict]:
 
 def pairs_from_eval(path: str | Path, stage: str = STAGE) -> list[dict]:
     """Real generator outputs of a finished `rag eval`, labelled by best_subspan_em."""
-    from datasets import load_from_disk
-
     directory = Path(path) / "examples"
     if not directory.is_dir():
         raise StageError(stage, f"{path} is not a finished `rag eval` output (no examples/)")
@@ -268,8 +269,6 @@ class CalibrateArguments:
 
 
 def collect_pairs(args: CalibrateArguments) -> tuple[list[dict], dict[str, str]]:
-    from rag.data import load_records
-
     sources = {}
     pairs: list[dict] = []
     records_path = args.records or (None if args.pairs or args.from_eval else "data/rag/questions.jsonl")
@@ -286,11 +285,6 @@ def collect_pairs(args: CalibrateArguments) -> tuple[list[dict], dict[str, str]]
 
 
 def main(argv: list[str] | None = None) -> Path:
-    import dataclasses
-
-    from datasets import Dataset
-
-    from rag.retrieval import Embedder
 
     (args,) = parse_config(STAGE, (CalibrateArguments,), argv, module="rag.similarity")
     if args.method not in METHODS:

@@ -45,10 +45,10 @@ def peak_mb() -> float:
 
 
 def load_prompts(args) -> list:
-    from align import importers
-    from align.common import load_stage_dataset
+    from align.core.inputs import load_stage_dataset
+    from align.preferences.prompts import prompt_records
 
-    records = importers.prompt_records(load_stage_dataset(args.dataset, "bench"), None, "output", False, "bench")
+    records = prompt_records(load_stage_dataset(args.dataset, "bench"), None, "output", False, "bench")
     return [record["prompt"] for record in records]
 
 
@@ -56,7 +56,8 @@ def run_ours(args) -> dict:
     import torch
     from transformers import set_seed
 
-    from align.ppo import PPOArguments, PPOSettings, build_trainer, prompt_order
+    from align.ppo import PPOArguments, build_trainer
+    from align.rlhf.ppo_trainer import PPOSettings, prompt_order
 
     settings = PPOSettings(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, ppo_epochs=1,
                            mini_batch_size=args.completions, learning_rate=1e-5, value_learning_rate=1e-5,
@@ -87,9 +88,8 @@ def run_trl(args) -> dict:
     from transformers import TrainerCallback, set_seed
     from trl import RLOOConfig, RLOOTrainer
 
-    from align.models import load_causal_lm, load_tokenizer, resolve_model
-    from align.ppo import RewardModelScorer
-    from align.reward import load_reward_model
+    from align.lm.models import load_causal_lm, load_tokenizer, resolve_model
+    from align.rlhf.reward_model import RewardModelScorer, load_reward_model
 
     set_seed(0)
     model_path = resolve_model(args.model)

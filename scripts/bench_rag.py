@@ -39,7 +39,7 @@ def one_at_a_time(model, tokenizer, texts, max_new_tokens):
 def main() -> None:
     import torch
 
-    from align.common import configure_logging
+    from align.core.command import configure_logging
     from rag.data import load_corpus, load_records
     from rag.evaluate import (
         EvalArguments,

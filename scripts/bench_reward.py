@@ -93,16 +93,8 @@ def comparisons_dir(args) -> Path:
     output = Path(args.data_dir) / f"comparisons-oasst-{args.trees}-test{args.test_trees}"
     if (output / "manifest.json").exists():
         return output
-    for attempt in range(10):  # align.comparisons may be mid-edit by a colleague: wait for it
-        try:
-            from align import comparisons
-            break
-        except (ImportError, SyntaxError, AttributeError) as exc:
-            print(f"align.comparisons not importable yet ({exc!r}); retrying in 30 s ({attempt + 1}/10)", flush=True)
-            sys.modules.pop("align.comparisons", None)
-            time.sleep(30)
-    else:
-        raise SystemExit("align.comparisons never became importable; giving up")
+    from align import comparisons
+
     comparisons.main(["--source", "oasst", "--input_path", str(OASST_TREES), "--source_limit", str(args.trees),
                       "--test_records", str(args.test_trees), "--output_dir", str(output), "--restart", "true"])
     return output
@@ -114,7 +106,8 @@ def expand_to_pairs(rows, tokenizer, max_length: int, seed: int):
     from datasets import Dataset
     from trl.data_utils import _tokenize
 
-    from align.reward import encode_response, ranking_pairs
+    from align.rlhf.ranking_loss import ranking_pairs
+    from align.rlhf.reward_model import encode_response
 
     records, same, compared = [], 0, 0
     for row in rows:
@@ -153,7 +146,7 @@ class Counter:
 
 
 def counting_ranking_collator(pad_token_id: int):
-    from align.reward import RankingCollator
+    from align.rlhf.ranking_trainer import RankingCollator
 
     class CountingRankingCollator(RankingCollator):
         def __init__(self, pad: int):
@@ -208,21 +201,22 @@ def fresh_model(model_path: str, tokenizer, seed: int):
     """The same initial reward model (base + randomly initialised score head) for both trainers."""
     from transformers import set_seed
 
-    from align.reward import build_reward_model
+    from align.rlhf.reward_model import build_reward_model
 
     set_seed(seed)
     return build_reward_model(model_path, tokenizer, None)
 
 
 def lora():
-    from align.models import lora_config
+    from align.lm.models import lora_config
     from align.reward import RewardModelConfig
 
     return lora_config(RewardModelConfig(**LORA))
 
 
 def evaluate(model, test_rows, pad_token_id: int) -> dict:
-    from align.reward import RankingCollator, ranking_metrics, score_rows
+    from align.rlhf.ranking_loss import ranking_metrics
+    from align.rlhf.ranking_trainer import RankingCollator, score_rows
 
     scores = score_rows(model, test_rows, RankingCollator(pad_token_id), batch_size=8)
     return ranking_metrics(scores, test_rows["ranks"])
@@ -262,16 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(threads)
 
-    from align.common import configure_logging, load_stage_dataset
-    from align.models import DEFAULT_MODEL, device_defaults, load_tokenizer, resolve_model
-    from align.reward import (
-        RankingRewardTrainer,
-        RewardDataArguments,
-        RewardStageConfig,
-        ranking_pairs,
-        to_comparisons,
-        tokenize_comparisons,
-    )
+    from align.core.command import configure_logging
+    from align.core.inputs import load_stage_dataset
+    from align.lm.models import DEFAULT_MODEL, device_defaults, load_tokenizer, resolve_model
+    from align.reward import RewardDataArguments, RewardStageConfig, to_comparisons
+    from align.rlhf.ranking_loss import ranking_pairs
+    from align.rlhf.ranking_trainer import RankingRewardTrainer, tokenize_comparisons
 
     configure_logging()
     from peft import get_peft_model

@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from align.dedup import RougeLFilter  # noqa: E402
+from align.instruct.dedup import RougeLFilter  # noqa: E402
 
 SEED_TASKS = REPO.parent / "shared" / "data" / "self_instruct" / "seed_tasks.jsonl"
 

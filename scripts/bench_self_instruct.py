@@ -38,7 +38,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from align import self_instruct  # noqa: E402
-from align.common import read_manifest  # noqa: E402
+from align.core.outputs import read_manifest  # noqa: E402
+from align.instruct.loop import LocalModel, SelfInstruct, SelfInstructSettings  # noqa: E402
+from align.instruct.prompts import Prompts  # noqa: E402
+from align.instruct.tasks import load_seed_tasks  # noqa: E402
 
 PAPER_SEEDS = REPO.parent / "shared" / "data" / "self_instruct" / "seed_tasks.jsonl"
 
@@ -62,9 +65,7 @@ def decisions(labels: list[bool], called: list[bool]) -> dict:
 
 def classification_quality(mode: str, model, tokenizer, tasks) -> dict:
     """Part 1 for one prompt mode: the stage's own margin and threshold on labelled instructions."""
-    args = self_instruct.SelfInstructArguments()
-    loop = self_instruct.SelfInstruct(args, tasks, self_instruct.LocalModel(model, tokenizer, 8),
-                                      self_instruct.Prompts(mode))
+    loop = SelfInstruct(SelfInstructSettings(), tasks, LocalModel(model, tokenizer, 8), Prompts(mode))
     started = time.perf_counter()
     threshold = loop.classification_threshold()
     margins = loop._yes_margins([task.instruction for task in tasks])
@@ -108,13 +109,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "self_instruct.json"))
     args = parser.parse_args()
 
-    from align.models import load_causal_lm, load_tokenizer, resolve_model
+    from align.lm.models import load_causal_lm, load_tokenizer, resolve_model
 
     model_path = resolve_model(args.model)
     model, tokenizer = load_causal_lm(model_path).eval(), load_tokenizer(model_path)
-    labelled = self_instruct.load_seed_tasks(args.seed_tasks)
+    labelled = load_seed_tasks(args.seed_tasks)
     if PAPER_SEEDS.exists():
-        labelled += self_instruct.load_seed_tasks(PAPER_SEEDS)
+        labelled += load_seed_tasks(PAPER_SEEDS)
     quality = {mode: classification_quality(mode, model, tokenizer, labelled) for mode in ("completion", "chat")}
     del model
 

@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     """A 2-layer Llama with a byte-level tokenizer, built offline (cached after the first build)."""
-    from align.models import TINY_MODEL, resolve_model
+    from align.lm.models import TINY_MODEL, resolve_model
 
     return resolve_model(TINY_MODEL)
 

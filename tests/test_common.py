@@ -1,4 +1,4 @@
-"""Unit tests of the stage contract in align/common.py: loading, validation, fingerprints,
+"""Unit tests of the stage contract in align/core: loading, validation, fingerprints,
 manifests, atomic outputs, config parsing and the CLI error path."""
 
 from __future__ import annotations
@@ -10,20 +10,17 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-from align.common import (
+from align.core.command import StageError, parse_config, run_stage
+from align.core.inputs import load_stage_dataset, validate_columns
+from align.core.outputs import (
     MANIFEST,
     PARTIAL_SUFFIX,
     RUN_CONFIG,
-    StageError,
     StageOutput,
     fingerprint,
-    load_stage_dataset,
-    parse_config,
     read_manifest,
-    run_stage,
     save_dataset_atomic,
     strip_secrets,
-    validate_columns,
     write_manifest,
 )
 from tests.conftest import chat, write_jsonl

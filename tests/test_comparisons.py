@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from align import comparisons, importers
-from align.common import StageError, read_manifest
-from align.comparisons import Generation, check_ranking, degenerate_reason, rank_by_scores
+from align import comparisons
+from align.core.command import StageError
+from align.core.outputs import read_manifest
+from align.lm.generation import Generation
+from align.preferences import format, rankers, sources
+from align.preferences.format import check_ranking
+from align.preferences.prompts import prompt_records
+from align.preferences.rankers import degenerate_reason, rank_by_scores
 from tests.conftest import DEMONSTRATIONS, ROOT, kill_after_journal_line, write_jsonl
 
 TINY = ["--model_name_or_path", "tiny-llama", "--seed", "0", "--max_new_tokens", "24"]
@@ -98,13 +103,13 @@ def test_check_ranking(responses, ranks, problem):
 
 def test_validate_comparisons_names_split_and_row():
     """validate_comparisons raises naming the split and row of each bad ranking, and passes good data."""
-    good = comparisons.comparison_row([user("q")], ["x", "y"], [1, 0], "human", "sheet", "1")
+    good = format.comparison_row([user("q")], ["x", "y"], [1, 0], "human", "sheet", "1")
     assert good["responses"] == ["y", "x"] and good["ranks"] == [0, 1]  # stored best first
-    comparisons.validate_comparisons(comparisons.comparisons_dataset({"train": [good]}), "reward")
+    format.validate_comparisons(format.comparisons_dataset({"train": [good]}), "reward")
     bad = {**good, "ranks": [0, 0]}
-    data = comparisons.comparisons_dataset({"train": [good, good], "test": [good, bad]})
+    data = format.comparisons_dataset({"train": [good, good], "test": [good, bad]})
     with pytest.raises(StageError) as raised:
-        comparisons.validate_comparisons(data, "reward")
+        format.validate_comparisons(data, "reward")
     assert raised.value.stage == "reward"
     assert "split 'test' row 1: all 2 responses are tied" in raised.value.message
     assert "split 'train'" not in raised.value.message
@@ -144,7 +149,7 @@ def test_real_oasst_file_imports(shared_data, tmp_path):
                                "--test_records", "16", "--output_dir", str(tmp_path / "o")])
     data = load_from_disk(str(output / "dataset"))
     assert (len(data["train"]), len(data["test"])) == (128, 40)
-    comparisons.validate_comparisons(data, "test")
+    format.validate_comparisons(data, "test")
     sizes = [len(r) for split in data.values() for r in split["responses"]]
     assert min(sizes) == 2 and max(sizes) == 9
 
@@ -166,8 +171,8 @@ HH_PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: 
 
 def test_hh_row_gives_the_exact_row():
     """The shared prefix becomes chat messages (stripped); responses are [chosen, rejected], ranks [0, 1]."""
-    record = importers.SourceRecord(7, 8, {"chosen": HH_PROMPT + " It is 4.", "rejected": HH_PROMPT + " Fish."})
-    assert importers.hh_comparison(record, Counter()) == [{
+    record = sources.SourceRecord(7, 8, {"chosen": HH_PROMPT + " It is 4.", "rejected": HH_PROMPT + " Fish."})
+    assert sources.hh_comparison(record, Counter()) == [{
         "prompt": [user("Hi there"), assistant("Hello! How can I help?"), user("What is 2+2?")],
         "responses": ["It is 4.", "Fish."], "ranks": [0, 1], "ranker": "human", "source": "hh-rlhf",
         "source_id": "7",
@@ -203,7 +208,7 @@ def test_real_hh_file_imports(shared_data, tmp_path):
     data = load_from_disk(str(output / "dataset"))
     assert (len(data["train"]), len(data["test"])) == (1000, 200)
     assert read_manifest(output)["metrics"]["skipped_identical"] == 0
-    comparisons.validate_comparisons(data, "test")
+    format.validate_comparisons(data, "test")
     first = json.loads(gzip.open(path, "rt").readline())
     row = data["train"][0]
     assert row["prompt"][0] == user("what are some pranks with a pen i can do?")
@@ -239,7 +244,7 @@ def sheet_responses(row: dict) -> list[str]:
 
 
 def read_sheet_rows(path: Path) -> list[dict]:
-    return [record.data for record in importers.read_sheet(path, "test")]
+    return [record.data for record in sources.read_sheet(path, "test")]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
@@ -264,7 +269,7 @@ def test_sheet_export_fill_import_round_trip(tmp_path, suffix):
 def test_filled_sheet_with_a_bad_ranking_is_one_line_exit_2(tmp_path, capsys):
     """cli(): a sheet row ranked with a gap, and an unranked row: exit code 2, one line naming both rows."""
     sheet = tmp_path / "sheet.csv"
-    importers.write_sheet([{"id": f"q{i}", "prompt": [user(f"question {i}")], "responses": ["a", "b", "c"]}
+    sources.write_sheet([{"id": f"q{i}", "prompt": [user(f"question {i}")], "responses": ["a", "b", "c"]}
                            for i in range(3)], sheet, seed=0)
     fill_sheet(sheet, {"q0": "0 1 2", "q1": "0, 2, 3", "q2": ""})
     assert comparisons.cli(["--source", "sheet", "--input_path", str(sheet), "--output_dir", str(tmp_path / "o")]) == 2
@@ -281,7 +286,7 @@ def test_filled_sheet_with_a_bad_ranking_is_one_line_exit_2(tmp_path, capsys):
 ])
 def test_parse_ranks(value, ranks):
     """Ranks in a sheet may be written '1 0 2', '1,0,2', '[1, 0, 2]' or a JSON list; anything else is rejected."""
-    assert importers.parse_ranks(value) == ranks
+    assert sources.parse_ranks(value) == ranks
 
 
 # ----------------------------------------------------------------------------- sampling and the reference ranker
@@ -309,7 +314,7 @@ def test_reference_ranker_puts_the_copy_first_and_degenerate_last():
     unrelated answer; empty, looping and cut-off responses come last even when they are close to the reference."""
     from sentence_transformers import SentenceTransformer
 
-    from align.models import resolve_embedding_model
+    from align.lm.models import resolve_embedding_model
 
     embedder = SentenceTransformer(resolve_embedding_model(), device="cpu")
     reference = "The capital of Australia is Canberra."
@@ -317,7 +322,7 @@ def test_reference_ranker_puts_the_copy_first_and_degenerate_last():
              Generation("The capital of Australia is Canberra. " * 4, False),  # a loop that says the right thing
              Generation("Canberra is the capital city of Australia.", False), Generation(reference, False),
              Generation("The capital of Australia is Canberra", True), Generation(reference, False)]
-    [ranks] = comparisons.rank_against_references(embedder, [group], [reference])
+    [ranks] = rankers.rank_against_references(embedder, [group], [reference])
     assert ranks[4] == ranks[6] == 0 and ranks[3] == 1 and ranks[1] == 2  # identical texts tie
     assert min(ranks[0], ranks[2], ranks[5]) == 3 and sorted(set(ranks)) == list(range(max(ranks) + 1))
 
@@ -326,7 +331,7 @@ def test_sheet_responses_are_shuffled_with_the_seed(tmp_path):
     """write_sheet shuffles each row's responses (seeded, so the same sheet every time) and keeps them all."""
     rows = [{"id": str(i), "prompt": [user("q")], "responses": ["a", "b", "c"]} for i in range(12)]
     for name in ("one.jsonl", "two.jsonl"):
-        importers.write_sheet(rows, tmp_path / name, seed=3)
+        sources.write_sheet(rows, tmp_path / name, seed=3)
     written = [sheet_responses(r) for r in read_sheet_rows(tmp_path / "one.jsonl")]
     assert all(sorted(r) == ["a", "b", "c"] for r in written)
     assert any(r != ["a", "b", "c"] for r in written)
@@ -342,15 +347,15 @@ def test_prompt_records_from_messages_and_prompt_columns():
         {"messages": [user("a"), assistant("b"), user("c"), assistant("d")]},
         {"messages": [user("e")]},
     ]))
-    records = importers.prompt_records(chats, None, "output", need_reference=False, stage="test")
+    records = prompt_records(chats, None, "output", need_reference=False, stage="test")
     assert records == [
         {"prompt": [user("a"), assistant("b"), user("c")], "reference": "d", "source_id": "train:0"},
         {"prompt": [user("e")], "reference": None, "source_id": "train:1"},
     ]
     with pytest.raises(StageError, match="split 'train' row 1: no reference answer"):
-        importers.prompt_records(chats, None, "output", need_reference=True, stage="test")
+        prompt_records(chats, None, "output", need_reference=True, stage="test")
     prompts = DatasetDict(train=Dataset.from_list([{"instruction": "x", "prompt": "Say hi", "output": "Hi"}]))
-    assert importers.prompt_records(prompts, "train", "output", True, "test")[0]["prompt"] == [user("Say hi")]
+    assert prompt_records(prompts, "train", "output", True, "test")[0]["prompt"] == [user("Say hi")]
 
 
 def prompts_file(tmp_path: Path, count: int) -> Path:
@@ -368,7 +373,7 @@ def test_sample_mode_with_the_tiny_model(tmp_path, tiny_model_path, one_thread):
                                "--num_responses", "3", "--batch_size", "2", "--test_records", "1",
                                "--output_dir", str(tmp_path / "o")])
     data = load_from_disk(str(output / "dataset"))
-    comparisons.validate_comparisons(data, "test")
+    format.validate_comparisons(data, "test")
     rows = data["train"].to_list() + data["test"].to_list()
     assert [r["source_id"] for r in rows] == ["train:0", "train:1", "train:2", "train:3"] and len(data["test"]) == 1
     assert all(len(r["responses"]) == 3 and r["ranker"] == "reference" and r["source"] == "sampled" for r in rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from align.common import parse_config
+from align.core.command import parse_config
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -1,4 +1,4 @@
-"""align.dedup: the fast ROUGE-L filter makes exactly the decisions of the rouge_score reference loop."""
+"""align.instruct.dedup: the fast ROUGE-L filter makes exactly the decisions of the rouge_score reference loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer, tokenize
 
-from align.dedup import EmbeddingFilter, RougeLFilter, rouge_l, rouge_l_fmeasure, rouge_tokenize
+from align.instruct.dedup import EmbeddingFilter, RougeLFilter, rouge_l, rouge_l_fmeasure, rouge_tokenize
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.generation import GenerationSettings, generate, render_chat, score_options
+from align.lm.generation import GenerationSettings, generate, render_chat, score_options
 
 PROMPTS = ["Hi", "A much longer prompt that needs plenty of left padding in a batch"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_path):
-    from align.models import load_causal_lm, load_tokenizer
+    from align.lm.models import load_causal_lm, load_tokenizer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -13,9 +13,11 @@ import pytest
 import torch
 import yaml
 
-from align import hub as align_hub
-from align.common import StageError, read_manifest
-from align.hub import check_push, push_stage_output, render_model_card
+from align import push as align_push
+from align.core.command import StageError
+from align.core.hub import check_push, push_stage_output, stage_output_for_push
+from align.core.model_card import render_model_card
+from align.core.outputs import read_manifest
 from tests.conftest import DEMONSTRATIONS, ROOT
 from tests.hub_server import FakeHub, route
 
@@ -67,8 +69,8 @@ def push(*args, token: str | None = TOKEN, home: Path, extra_env: dict | None = 
     env.update(PYTHONPATH=str(ROOT), HF_HOME=str(home), **(extra_env or {}))
     if token:
         env["HF_TOKEN"] = token
-    command = ["align.cli", "push"] if "push" in STAGES else ["align.hub"]
-    return subprocess.run([sys.executable, "-m", *command, *map(str, args)], cwd=ROOT, env=env,
+    assert "push" in STAGES
+    return subprocess.run([sys.executable, "-m", "align.cli", "push", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -95,7 +97,7 @@ def test_push_round_trip(sft_output, hub, tmp_path, online, one_thread, tiny_mod
     from huggingface_hub import HfApi, snapshot_download
     from peft import PeftModel
 
-    from align.models import load_causal_lm, load_tokenizer
+    from align.lm.models import load_causal_lm, load_tokenizer
 
     result = push(sft_output, "--repo_id", REPO, "--hub_endpoint", hub.url, home=tmp_path / "home")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -294,24 +296,24 @@ def test_only_finished_training_outputs_are_pushed(sft_output, tmp_path):
     partial = tmp_path / "sft.partial"
     partial.mkdir()
     with pytest.raises(StageError, match=f"unfinished run .* then push {tmp_path / 'sft'}$"):
-        align_hub.stage_output_for_push(partial)
+        stage_output_for_push(partial)
     comparisons = tmp_path / "comparisons"
     comparisons.mkdir()
     (comparisons / "manifest.json").write_text(json.dumps({"stage": "comparisons"}))
     with pytest.raises(StageError, match="a 'comparisons' output, which has no adapter"):
-        align_hub.stage_output_for_push(comparisons)
+        stage_output_for_push(comparisons)
     (comparisons / "manifest.json").write_text(json.dumps({"stage": "sft"}))
     with pytest.raises(StageError, match="lacks adapter_config.json, adapter_model.safetensors"):
-        align_hub.stage_output_for_push(comparisons)
+        stage_output_for_push(comparisons)
     with pytest.raises(StageError, match="not found"):
-        align_hub.stage_output_for_push(tmp_path / "missing")
-    path, manifest = align_hub.stage_output_for_push(sft_output)
+        stage_output_for_push(tmp_path / "missing")
+    path, manifest = stage_output_for_push(sft_output)
     assert path == sft_output and manifest["stage"] == "sft"
 
 
 def test_command_line(tmp_path, capsys):
     """--help lists the options; a missing output directory is one line."""
-    from align.hub import cli
+    from align.push import cli
 
     result = push("--help", home=tmp_path)
     assert result.returncode == 0
@@ -320,9 +322,9 @@ def test_command_line(tmp_path, capsys):
     assert cli(["--repo_id", REPO]) == 2
     assert capsys.readouterr().err == "error: push: no stage output directory — usage: align push <output_dir> " \
         "--repo_id namespace/name\n"
-    assert align_hub._take_positional(["--private", "false", "runs/x", "--repo_id", "a/b"]) == (
+    assert align_push._take_positional(["--private", "false", "runs/x", "--repo_id", "a/b"]) == (
         "runs/x", ["--private", "false", "--repo_id", "a/b"])
-    assert align_hub._take_positional(["--private", "runs/x"])[0] == "runs/x"
+    assert align_push._take_positional(["--private", "runs/x"])[0] == "runs/x"
 
 
 # ----------------------------------------------------------------------------- --push_to_hub on a training stage

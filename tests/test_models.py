@@ -1,4 +1,4 @@
-"""Tests of align/models.py: the tiny model and its chat template, the atomic model cache, model and
+"""Tests of align/lm/models.py: the tiny model and its chat template, the atomic model cache, model and
 embedding-model resolution, device defaults and the LoRA adapter helpers. (The real SmolLM2 model is
 covered elsewhere; nothing here loads it.)"""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import align.models as models
-from align.common import StageError
-from align.models import (
+from align.core.command import StageError
+from align.lm import models
+from align.lm.models import (
     DEFAULT_MODEL,
     TINY_MODEL,
     device_defaults,

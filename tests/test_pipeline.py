@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from align import pipeline
-from align.common import parse_config, read_manifest
+from align.core.command import parse_config
+from align.core.outputs import read_manifest
 from tests.conftest import ROOT, run_align
 
 TINY_PIPELINE = ROOT / "configs" / "tiny" / "pipeline.yaml"
@@ -102,7 +103,7 @@ def test_a_changed_input_file_reruns_the_stage(tmp_path, capsys):
     import importlib
 
     config = getattr(importlib.import_module(module), function)(*sft.parsed)
-    from align.common import fingerprint, write_manifest
+    from align.core.outputs import fingerprint, write_manifest
 
     write_manifest(sft.output_dir, {"stage": "sft", "config": json.loads(json.dumps(config, default=str)),
                                     "inputs": {"dataset": {"path": str(data), "fingerprint": fingerprint(data)}}})

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.common import read_manifest
-from align.ppo import PPOSettings, PPOTrainer, value_model_from
+from align.core.outputs import read_manifest
+from align.rlhf.ppo_trainer import PPOSettings, PPOTrainer, value_model_from
 from tests.conftest import DEMONSTRATIONS, ROOT, kill_after_journal_line, run_align
 
 # The tiny model's tied output embedding is small, so its next-token distribution is nearly uniform and
@@ -31,7 +31,7 @@ def make_trainer(tiny_model_path, reward_fn=lowercase_share, ptx_data=None, **ov
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from align.models import load_causal_lm, load_tokenizer
+    from align.lm.models import load_causal_lm, load_tokenizer
 
     set_seed(0)
     tokenizer = load_tokenizer(tiny_model_path)
@@ -132,7 +132,7 @@ def history(out: Path) -> list[dict]:
 
 
 def test_stage_writes_adapter_card_and_logs(reward_dir, tmp_path):
-    from align.models import load_causal_lm, resolve_model
+    from align.lm.models import load_causal_lm, resolve_model
 
     out = tmp_path / "ppo"
     result = run_align(*ppo_args(reward_dir, out), "--ptx_dataset", DEMONSTRATIONS, "--ptx_coef", "0.1",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.ppo_math import (
+from align.rlhf.ppo_math import (
     KLController,
     entropy_of,
     explained_variance,

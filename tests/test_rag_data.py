@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from align.common import StageError
+from align.core.command import StageError
 from rag.data import (
     DistractorMiner,
     Passage,

@@ -37,7 +37,7 @@ def tiny_adapter(tiny_model_path, tmp_path_factory):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from align.models import load_causal_lm
+    from align.lm.models import load_causal_lm
 
     torch.manual_seed(0)
     model = get_peft_model(load_causal_lm(tiny_model_path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from align import reward
-from align.common import StageError, read_manifest
+from align.core.command import StageError
+from align.core.outputs import read_manifest
+from align.rlhf.ranking_loss import centering_penalty, kwise_loss, ranking_metrics
+from align.rlhf.reward_model import encode_response, load_reward_model
 from tests.conftest import write_jsonl
 
 TINY = ["--model_name_or_path", "tiny-llama", "--report_to", "none", "--seed", "0"]
@@ -36,7 +39,7 @@ def test_kwise_loss_equals_hand_computed_value_with_a_tie():
     better = torch.tensor([p[0] for p in pairs])
     worse = torch.tensor([p[1] for p in pairs])
     for weighting in ("pair", "prompt"):  # one prompt: both weightings agree
-        loss = reward.kwise_loss(rewards, better, worse, torch.zeros(2, dtype=torch.long), 1, weighting=weighting)
+        loss = kwise_loss(rewards, better, worse, torch.zeros(2, dtype=torch.long), 1, weighting=weighting)
         assert loss.item() == pytest.approx(0.220095, abs=1e-6)
 
 
@@ -50,15 +53,15 @@ def test_kwise_loss_weightings():
     nll = lambda d: -math.log(1 / (1 + math.exp(-d)))  # noqa: E731
     per_prompt = ((nll(1) + nll(2) + nll(1)) / 3 + nll(0.5)) / 2
     per_pair = (nll(1) + nll(2) + nll(1) + nll(0.5)) / 4
-    assert reward.kwise_loss(rewards, better, worse, prompt, 2, weighting="prompt").item() == pytest.approx(
+    assert kwise_loss(rewards, better, worse, prompt, 2, weighting="prompt").item() == pytest.approx(
         per_prompt, abs=1e-6)
-    assert reward.kwise_loss(rewards, better, worse, prompt, 2).item() == pytest.approx(per_pair, abs=1e-6)
+    assert kwise_loss(rewards, better, worse, prompt, 2).item() == pytest.approx(per_pair, abs=1e-6)
     margins = torch.tensor([0.5, 1.0, 0.5, 0.5])
     expected_margin = ((nll(0.5) + nll(1) + nll(0.5)) / 3 + nll(0.0)) / 2
-    got = reward.kwise_loss(rewards, better, worse, prompt, 2, margins, weighting="prompt").item()
+    got = kwise_loss(rewards, better, worse, prompt, 2, margins, weighting="prompt").item()
     assert got == pytest.approx(expected_margin, abs=1e-6)
     with pytest.raises(ValueError):
-        reward.kwise_loss(rewards, better, worse, prompt, 2, weighting="token")
+        kwise_loss(rewards, better, worse, prompt, 2, weighting="token")
 
 
 def test_centering_penalty_matches_trl_for_pairs():
@@ -66,7 +69,7 @@ def test_centering_penalty_matches_trl_for_pairs():
     rewards = torch.tensor([1.0, 0.5, -2.0, 0.0])
     prompts = torch.tensor([0, 0, 1, 1])
     trl_value = ((1.0 + 0.5) ** 2 + (-2.0 + 0.0) ** 2) / 2
-    assert reward.centering_penalty(rewards, prompts, 2).item() == pytest.approx(trl_value)
+    assert centering_penalty(rewards, prompts, 2).item() == pytest.approx(trl_value)
 
 
 def test_collator_keeps_each_prompt_whole():
@@ -87,32 +90,32 @@ def test_collator_keeps_each_prompt_whole():
 
 def test_encode_response_cuts_the_prompt_from_the_left(tiny_model_path):
     """Too long: the prompt loses its beginning, the response survives whole, and it is counted."""
-    from align.models import load_tokenizer
+    from align.lm.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_path)
     prompt = [{"role": "user", "content": "x" * 300 + " THE END OF THE QUESTION"}]
-    ids, truncated = reward.encode_response(tokenizer, prompt, "the answer", max_length=64)
+    ids, truncated = encode_response(tokenizer, prompt, "the answer", max_length=64)
     text = tokenizer.decode(ids)
     assert truncated == "prompt" and len(ids) == 64
     assert text.endswith("the answer<|im_end|>\n") and "THE END OF THE QUESTION" in text
-    ids, truncated = reward.encode_response(tokenizer, prompt, "y" * 100, max_length=64)
+    ids, truncated = encode_response(tokenizer, prompt, "y" * 100, max_length=64)
     assert truncated == "response" and len(ids) == 64
     text = tokenizer.decode(ids)
     assert text.startswith("ION<|im_end|>") and text.endswith("y" * 48)  # 16 prompt tokens: the question's end
-    full, truncated = reward.encode_response(tokenizer, prompt, "y" * 100, max_length=None)
+    full, truncated = encode_response(tokenizer, prompt, "y" * 100, max_length=None)
     assert truncated is None and len(full) > 400
-    ids, truncated = reward.encode_response(tokenizer, "short?", "ok", max_length=200)
+    ids, truncated = encode_response(tokenizer, "short?", "ok", max_length=200)
     assert truncated is None and tokenizer.decode(ids).endswith("ok<|im_end|>\n")
 
 
 def test_ranking_metrics_by_hand():
     """Accuracy counts won pairs (ties in reward as half), by K too; margin is the mean difference."""
-    metrics = reward.ranking_metrics([[3.0, 1.0, 2.0], [0.0, 1.0]], [[0, 1, 2], [0, 1]])
+    metrics = ranking_metrics([[3.0, 1.0, 2.0], [0.0, 1.0]], [[0, 1, 2], [0, 1]])
     # pairs: (0,1) won +2, (0,2) won +1, (1,2) lost -1, second prompt (0,1) lost -1
     assert metrics["accuracy"] == pytest.approx(2 / 4)
     assert metrics["accuracy_by_k"] == {"2": 0.0, "3": pytest.approx(2 / 3)}
     assert metrics["mean_margin"] == pytest.approx((2 + 1 - 1 - 1) / 4)
-    assert reward.ranking_metrics([[1.0, 1.0]], [[0, 1]])["accuracy"] == 0.5
+    assert ranking_metrics([[1.0, 1.0]], [[0, 1]])["accuracy"] == 0.5
 
 
 TOPICS = ["the weather", "a recipe", "my garden", "a train ride", "the library", "a bicycle", "the ocean",
@@ -173,7 +176,7 @@ def test_outputs_and_reward_statistics(trained):
     assert manifest["metrics"]["truncated_prompts"] == 0
     config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in (config["modules_to_save"] or [])
-    model, tokenizer, loaded = reward.load_reward_model(trained)
+    model, tokenizer, loaded = load_reward_model(trained)
     assert all(not p.requires_grad for p in model.parameters())
     rows = identifiable_comparisons(48, seed=1)
     from datasets import Dataset

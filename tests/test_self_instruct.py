@@ -12,21 +12,20 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from align.common import StageError, read_manifest
-from align.generation import Generation
-from align.self_instruct import (
-    CONFIG_CLASSES,
-    INSTRUCTION_HEADER,
-    Prompts,
-    SelfInstruct,
-    build_datasets,
+from align.core.command import StageError, parse_config
+from align.core.outputs import read_manifest
+from align.instruct.loop import SelfInstruct, SelfInstructSettings
+from align.instruct.parsing import (
     filter_instances,
     instruction_problem,
     keyword_pattern,
-    load_seed_tasks,
     parse_instance,
     parse_instructions,
 )
+from align.instruct.prompts import INSTRUCTION_HEADER, Prompts
+from align.instruct.tasks import build_datasets, load_seed_tasks
+from align.lm.generation import Generation
+from align.self_instruct import CONFIG_CLASSES
 from tests.conftest import ROOT, kill_after_journal_line, run_align, write_jsonl
 
 TEAM_SEEDS = ROOT / "data" / "seed" / "seed_tasks.jsonl"
@@ -38,12 +37,11 @@ def seed(instruction: str, output: str = "An answer.", task_input: str = "", clf
             "is_classification": clf, **extra}
 
 
-def arguments(**overrides):
-    from align.common import parse_config
-
+def loop_settings(**overrides) -> SelfInstructSettings:
+    """The loop's settings as the stage parses them from these flags."""
     flags = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
-    (args,) = parse_config("self-instruct", CONFIG_CLASSES, flags)
-    return args
+    _, settings = parse_config("self-instruct", CONFIG_CLASSES, flags)
+    return settings
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -290,9 +288,8 @@ def make_loop(tmp_path, generator, embedding=None, **overrides):
     settings = {"num_instructions": 100, "max_rounds": 2, "prompts_per_round": 2, "batch_size": 1,
                 "seed_examples_per_prompt": 3, "generated_examples_per_prompt": 2, "new_instructions_per_prompt": 4,
                 "instances_per_task": 2, **overrides}
-    args = arguments(**settings)
     seeds = load_seed_tasks(seeds_path)
-    return SelfInstruct(args, seeds, generator, Prompts("completion"), embedding), seeds
+    return SelfInstruct(loop_settings(**settings), seeds, generator, Prompts("completion"), embedding), seeds
 
 
 def test_loop_filters_classifies_and_instantiates(tmp_path):
@@ -380,7 +377,7 @@ def test_near_duplicates_of_the_pool_and_of_each_other_are_discarded(tmp_path):
 
 
 def test_embedding_filter_catches_paraphrases_rouge_misses(tmp_path):
-    from align.dedup import EmbeddingFilter
+    from align.instruct.dedup import EmbeddingFilter
 
     replies = ["Tell me why the sky appears blue in daytime.\nTask 10: Name three vegetables that grow underground."]
     plain, _ = make_loop(tmp_path, ScriptedGenerator(replies), max_rounds=1, prompts_per_round=1)

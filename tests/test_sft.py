@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from align import sft
-from align.common import StageError, read_manifest
-from align.models import load_causal_lm, load_tokenizer
+from align.core.command import StageError
+from align.core.outputs import read_manifest
+from align.lm.models import load_causal_lm, load_tokenizer
 from tests.conftest import DEMONSTRATIONS, ROOT, chat, run_align, write_jsonl
 
 TINY = ["--model_name_or_path", "tiny-llama", "--report_to", "none", "--seed", "0"]

@@ -24,7 +24,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from align.common import HUB_NAME, StageError
+from align.core.command import StageError
+from align.core.inputs import HUB_NAME
 
 logger = logging.getLogger("align")
 
@@ -254,12 +255,30 @@ def adapter_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def has_adapter(path: str | os.PathLike) -> bool:
+    """Whether `path` is an adapter directory or a stage output holding one in ``adapter/``."""
+    return (adapter_dir(path) / "adapter_config.json").exists()
+
+
+def require_adapter(path: str | os.PathLike, stage: str, producer: str = "align sft") -> None:
+    """Raise a one-line StageError of `stage` when `path` holds no adapter (`producer` says what makes one)."""
+    if not has_adapter(path):
+        raise StageError(stage, f"no adapter at {path} — pass an `{producer}` output directory")
+
+
+def pick_device() -> str:
+    """Where a single-process stage runs its model: the GPU when there is one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_adapter(model, adapter: str | os.PathLike, trainable: bool = False, stage: str = "model"):
     """Wrap `model` with the PEFT adapter saved at `adapter` (a stage output or adapter directory)."""
     from peft import PeftModel
 
     path = adapter_dir(adapter)
-    if not (path / "adapter_config.json").exists():
+    if not has_adapter(path):
         raise StageError(stage, f"no adapter at {adapter} (no adapter_config.json) — pass a training stage's output")
     return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
 

@@ -29,7 +29,13 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """A chat prompt (messages) through the chat template, ready for the reply; a text prompt as it is."""
+    return prompt if isinstance(prompt, str) else render_chat(tokenizer, prompt)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends a generated sequence: the generation config's and the tokenizer's."""
     eos = model.generation_config.eos_token_id
     return {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
 
@@ -63,10 +69,10 @@ def generate(model, tokenizer, texts: Sequence[str], settings: GenerationSetting
         output = model.generate(**batch, **sampling, **stops, max_new_tokens=settings.max_new_tokens,
                                 num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id)
         # [len(texts) * K, prompt_len + new_len], the K samples of a text adjacent
-    eos_ids = _eos_ids(model, tokenizer)
+    end_ids = eos_ids(model, tokenizer)
     results: list[Generation] = []
     for ids in output[:, batch["input_ids"].shape[1]:].tolist():
-        end = next((i for i, token in enumerate(ids) if token in eos_ids), None)
+        end = next((i for i, token in enumerate(ids) if token in end_ids), None)
         text = tokenizer.decode(ids[:end], skip_special_tokens=True)
         cut = min((i for i in (text.find(stop) for stop in settings.stop) if i >= 0), default=None)
         if cut is not None:

@@ -36,6 +36,8 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Indel, LCSseq
 
+from align.lm.models import resolve_embedding_model
+
 # Self-Instruct's rule: a candidate whose ROUGE-L F1 with a pool member is above 0.7 is a near-duplicate.
 DEFAULT_THRESHOLD = 0.7
 
@@ -332,8 +334,6 @@ class EmbeddingFilter:
             batch_size: Texts per forward pass.
         """
         from sentence_transformers import SentenceTransformer
-
-        from align.models import resolve_embedding_model
 
         model = SentenceTransformer(resolve_embedding_model(model_name_or_path), device=device)
         return cls(lambda texts: model.encode(texts, batch_size=batch_size, convert_to_numpy=True,

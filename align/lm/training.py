@@ -21,44 +21,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets import DatasetDict
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
-from align.common import StageOutput, append_jsonl, base_manifest
-from align.models import device_defaults
+from align.core.command import parse_config
+from align.core.outputs import StageOutput, append_jsonl, base_manifest, run_identity
+from align.lm.models import device_defaults
 
 logger = logging.getLogger("align")
-
-
-@dataclass
-class RunArguments:
-    """What to do with existing output and working directories (not part of the run's identity)."""
-
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace an existing finished output_dir (atomically, at the end)."}
-    )
-    restart: bool = field(
-        default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial instead of resuming it."}
-    )
-    keep_checkpoints: bool = field(
-        default=False, metadata={"help": "Keep checkpoints/ in the finished output (default: delete them)."}
-    )
-    hub_endpoint: str | None = field(
-        default=None, metadata={"help": "With --push_to_hub: the hub's address (default: $HF_ENDPOINT, else "
-                                "https://huggingface.co). The token comes from HF_TOKEN or `hf auth login`."}
-    )
-
-
-# Where and whether to publish the adapter: they do not change what is trained.
-PUBLISH_KEYS = {"push_to_hub", "hub_model_id", "hub_endpoint", "hub_private_repo", "hub_strategy", "hub_token",
-                "hub_always_push", "hub_revision"}
-
-
-def run_identity(config: dict) -> dict:
-    """The config minus the RunArguments fields, which say how to treat directories, not what to train, and
-    minus the publishing options."""
-    names = ({f.name for f in dataclasses.fields(RunArguments)} - {"keep_checkpoints"}) | PUBLISH_KEYS
-    return {group: {k: v for k, v in values.items() if k not in names} if isinstance(values, dict) else values
-            for group, values in config.items()}
 
 
 def run_config(data_args, training_args, model_args) -> dict:
@@ -179,8 +150,6 @@ class TrainingRun:
 
     def attach(self, trainer) -> None:
         """Send TensorBoard events to logs/tensorboard instead of a run folder inside checkpoints/."""
-        from transformers.integrations import TensorBoardCallback
-
         for callback in list(trainer.callback_handler.callbacks):
             if isinstance(callback, TensorBoardCallback):
                 trainer.remove_callback(callback)
@@ -259,8 +228,6 @@ def parse_training_config(stage: str, config_classes: tuple, argv: list[str] | N
     Returns (data_args, training_args, model_args, config, output); `config` is what the manifest
     records and what a resumed run must match.
     """
-    from align.common import parse_config
-
     data_args, training_args, model_args = parse_config(stage, config_classes, argv)
     config = run_config(data_args, training_args, model_args)
     output = StageOutput(stage, Path(training_args.output_dir), config,
@@ -271,8 +238,6 @@ def parse_training_config(stage: str, config_classes: tuple, argv: list[str] | N
 def hold_out(train, test, eval_fraction: float, max_train_samples: int | None, seed: int):
     """{train, eval?}: the given test split, else a seeded `eval_fraction` of train (when it has at least
     10 rows), else no evaluation; then cap the training rows."""
-    from datasets import DatasetDict
-
     if test is not None:
         result = DatasetDict(train=train, eval=test)
     elif eval_fraction > 0 and len(train) >= 10:
