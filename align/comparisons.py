@@ -61,6 +61,7 @@ from tqdm import tqdm
 from align.core.command import StageError, now_iso, parse_config, run_stage
 from align.core.inputs import load_stage_dataset, validate_columns
 from align.core.journal import JournalWriter, replay
+from align.core.options import AT_LEAST_ONE, NON_NEGATIVE, Choice
 from align.core.outputs import StageOutput, base_manifest, run_identity, save_dataset_atomic
 from align.lm.generation import Generation, GenerationSettings, generate, render_chat
 from align.lm.models import (
@@ -128,6 +129,10 @@ class ComparisonsArguments:
     restart: bool = field(
         default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial instead of resuming it."}
     )
+    strict: bool = field(
+        default=False, metadata={"help": "oasst/hh-rlhf: refuse the file at the first record that cannot be used, "
+                                 "instead of skipping and counting it (a filled sheet is always checked strictly)."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for sampling and for shuffling responses in a sheet."})
 
 
@@ -164,6 +169,9 @@ class SamplingArguments:
 
 
 CONFIG_CLASSES = (ComparisonsArguments, SamplingArguments)
+# Checked by `parse_config` with the shared rules of `align.core.options`, before any work.
+OPTION_RULES = {"source": Choice(SOURCES), "ranker": Choice(RANKERS), "source_start": NON_NEGATIVE,
+                "source_limit": AT_LEAST_ONE, "test_records": NON_NEGATIVE}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -191,30 +199,16 @@ def select_records(count: int, args: ComparisonsArguments) -> tuple[range, range
     return selected[:cut], selected[cut:]
 
 
-def check_arguments(args: ComparisonsArguments, sampling: SamplingArguments) -> None:
-    """Report every invalid option at once."""
+def option_problems(args: ComparisonsArguments, sampling: SamplingArguments) -> list[str]:
+    """What the option ranges (`OPTION_RULES`) cannot say: which options go together."""
     problems = []
-    if args.source not in SOURCES:
-        problems.append(f"--source {args.source!r} is not one of {', '.join(SOURCES)}")
     if not args.input_path:
         problems.append("--input_path is required")
-    if args.source_start < 0 or (args.source_limit is not None and args.source_limit < 1) or args.test_records < 0:
-        problems.append("--source_start and --test_records must be >= 0 and --source_limit >= 1")
     if args.export_sheet and args.source not in ("sheet", "sample"):
         problems.append("--export_sheet works with --source sheet or --source sample")
     if args.export_sheet and not args.export_sheet.endswith((".jsonl", ".csv")):
         problems.append(f"--export_sheet {args.export_sheet} must end in .jsonl or .csv")
-    if args.source == "sample":
-        if sampling.ranker not in RANKERS:
-            problems.append(f"--ranker {sampling.ranker!r} is not one of {', '.join(RANKERS)}")
-        if sampling.num_responses < 2:
-            problems.append("--num_responses must be >= 2 (a comparison needs two responses)")
-        if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1:
-            problems.append("--temperature must be > 0 and --top_p in (0, 1] (responses are sampled)")
-        if sampling.max_new_tokens < 1 or sampling.batch_size < 1:
-            problems.append("--max_new_tokens and --batch_size must be >= 1")
-    if problems:
-        raise StageError(STAGE, "; ".join(problems) + " — see `align comparisons --help`")
+    return problems
 
 
 def run_config(args: ComparisonsArguments, sampling: SamplingArguments) -> dict:
@@ -228,7 +222,6 @@ def run_config(args: ComparisonsArguments, sampling: SamplingArguments) -> dict:
 def main(argv: list[str] | None = None) -> Path:
     args, sampling = parse_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
-    check_arguments(args, sampling)
     if args.source == "sheet" and args.export_sheet:
         return export_sheet(args)
     config = run_config(args, sampling)
@@ -251,17 +244,38 @@ def import_comparisons(args: ComparisonsArguments) -> tuple[DatasetDict, dict]:
     counts: Counter = Counter(records=len(train) + len(test))
     if args.source == "hh-rlhf":
         counts["skipped_identical"] = 0  # reported even when nothing was skipped
+    # Public data is a little messy: its unusable records are skipped and counted. A sheet people filled in is
+    # refused instead, naming its bad rows, since they can fix it.
+    strict = args.strict or args.source == "sheet"
     splits: dict[str, list[dict]] = {"train": [], **({"test": []} if test else {})}
     problems: list[str] = []
+    skipped: Counter = Counter()
     for split, index in [*(("train", i) for i in train), *(("test", i) for i in test)]:
         try:
             splits[split].extend(convert(records[index], counts))
         except sources.RecordError as exc:
+            if not strict:
+                skipped[exc.reason] += 1
+                problems.append(exc.message)
+                continue
             problems.append(exc.message)
             if len(problems) == (5 if args.source == "sheet" else 1):  # a sheet reports several rows at once
                 break
-    if problems:
+    if strict and problems:
         raise StageError(STAGE, f"{path}: {'; '.join(problems)} — {sources.FIXES[args.source]}")
+    if skipped:
+        counts["skipped"] = sum(skipped.values())
+        counts["skipped_reasons"] = dict(sorted(skipped.items()))
+        logger.warning("skipped %d of %d records that cannot be used (%s), e.g. %s — --strict true refuses the "
+                       "file instead", counts["skipped"], counts["records"],
+                       ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())), problems[0])
+    if not splits["train"]:
+        raise StageError(STAGE, f"{path}: no usable comparisons in the {len(train)} training records"
+                         + (f" ({counts['skipped']} skipped, e.g. {problems[0]})" if skipped else "")
+                         + f" — {sources.FIXES[args.source]}")
+    if "test" in splits and not splits["test"]:
+        logger.warning("no usable comparisons in the %d test records: the output has no test split", len(test))
+        del splits["test"]
     data = comparisons_dataset(splits)
     validate_comparisons(data, STAGE)
     return data, dict(counts)

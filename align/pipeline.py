@@ -84,7 +84,6 @@ STAGES: dict[str, StageSpec] = {
 ORDER = list(STAGES)
 # Which stages' adapters `rag-eval` compares with the base model, under which name.
 RAG_MODELS = {"sft": "sft", "ppo": "ppo"}
-# Options that say what to do with existing directories: not part of what a stage computes.
 TOP_LEVEL_KEYS = {"output_dir", "model_name_or_path", "stages"}
 
 
@@ -219,7 +218,7 @@ def _parse(stage: PlannedStage) -> tuple:
         return tuple(parse_config(stage.spec.parser_name, module.CONFIG_CLASSES, stage.argv(),
                                   module=stage.spec.config_module))
     except StageError as exc:
-        raise StageError(STAGE, f"stage '{stage.name}': {exc.message}") from None
+        raise StageError(STAGE, [f"stage '{stage.name}': {line}" for line in exc.lines]) from None
 
 
 def _option(stage: PlannedStage, key: str) -> Any:

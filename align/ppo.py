@@ -38,6 +38,7 @@ from align.core.command import StageError, now_iso, parse_config, run_stage
 from align.core.hub import check_stage_push, push_after_stage
 from align.core.inputs import load_stage_dataset, validate_columns
 from align.core.model_card import write_model_card
+from align.core.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range
 from align.core.outputs import RunArguments, StageOutput, append_jsonl, base_manifest, read_manifest, run_identity
 from align.lm.models import (
     DEFAULT_MODEL,
@@ -120,6 +121,16 @@ class PPOArguments(RunArguments):
 
 
 CONFIG_CLASSES = (PPOArguments, PPOSettings)
+# Checked by `parse_config` with the shared rules of `align.core.options`, before any work.
+OPTION_RULES = {
+    "total_steps": AT_LEAST_ONE, "rollout_batch_size": AT_LEAST_ONE, "save_steps": AT_LEAST_ONE,
+    "sample_steps": AT_LEAST_ONE, "eval_prompts": NON_NEGATIVE, "ppo_epochs": AT_LEAST_ONE,
+    "mini_batch_size": AT_LEAST_ONE, "gamma": Range(0, 1), "lam": Range(0, 1), "clip_range": POSITIVE,
+    "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE,
+    "init_kl_coef": NON_NEGATIVE, "target_kl": POSITIVE, "kl_horizon": AT_LEAST_ONE, "max_kl": POSITIVE,
+    "missing_eos_penalty": Range(), "ptx_coef": NON_NEGATIVE, "ptx_batch_size": AT_LEAST_ONE,
+    "ptx_max_length": Range(2), "reward_max_length": AT_LEAST_ONE,
+}
 
 
 def hold_out_prompts(prompts: list, count: int, seed: int) -> tuple[list, list]:
@@ -147,26 +158,15 @@ def held_out_reward(trainer: PPOTrainer, prompts: list, cache: Path | None, batc
     return reward
 
 
-def check_arguments(args: PPOArguments, settings: PPOSettings) -> None:
-    problems = []
-    for name in ("total_steps", "rollout_batch_size", "save_steps", "sample_steps"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    if args.eval_prompts < 0:
-        problems.append("--eval_prompts must be >= 0")
-    for name in ("ppo_epochs", "mini_batch_size", "max_new_tokens"):
-        if getattr(settings, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    if settings.temperature <= 0 or not 0 < settings.top_p <= 1:
-        problems.append("--temperature must be > 0 and --top_p in (0, 1]")
-    if not 0 <= settings.gamma <= 1 or not 0 <= settings.lam <= 1:
-        problems.append("--gamma and --lam must be in [0, 1]")
-    if settings.init_kl_coef < 0 or (settings.target_kl is not None and settings.target_kl <= 0):
-        problems.append("--init_kl_coef must be >= 0 and --target_kl > 0")
-    if settings.ptx_coef < 0 or (settings.ptx_coef > 0 and not args.ptx_dataset):
-        problems.append("--ptx_coef must be >= 0, and > 0 needs --ptx_dataset")
-    if problems:
-        raise StageError(STAGE, "; ".join(problems) + " — see `align ppo --help`")
+def option_problems(args: PPOArguments, settings: PPOSettings) -> list[str]:
+    """What the option ranges (`OPTION_RULES`) cannot say: which options go together."""
+    if settings.ptx_coef > 0 and not args.ptx_dataset:
+        return ["--ptx_coef > 0 needs --ptx_dataset (the text whose language-modelling loss is mixed in)"]
+    return []
+
+
+def check_inputs(args: PPOArguments) -> None:
+    """The reward model and the SFT adapter exist, before anything is loaded."""
     reward_manifest = Path(args.reward_model) / "manifest.json"
     if not reward_manifest.exists() or read_manifest(args.reward_model).get("stage") != "reward":
         raise StageError(STAGE, f"no reward model at {args.reward_model} — pass an `align reward` output directory")
@@ -223,7 +223,7 @@ def run_config(args: PPOArguments, settings: PPOSettings) -> dict:
 def main(argv: list[str] | None = None) -> Path:
     args, settings = parse_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
-    check_arguments(args, settings)
+    check_inputs(args)
     config = run_config(args, settings)
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
                          restart=args.restart)
@@ -253,11 +253,11 @@ def main(argv: list[str] | None = None) -> Path:
     if resume_from is not None:
         load_checkpoint(resume_from, trainer)
         logger.info("resuming from %s (step %d)", resume_from.name, trainer.step_count)
-        if is_main:
-            for path in (metrics_path, samples_path):
-                truncate_history(path, trainer.step_count)
     else:
         logger.info("PPO on %d prompts -> %s", len(prompts), output.output_dir)
+    if is_main:  # what was logged after the checkpoint (or by an attempt without one) is logged again
+        for path in (metrics_path, samples_path):
+            truncate_history(path, trainer.step_count)
     before = (held_out_reward(trainer, held_out, partial / "logs" / "eval_before.json", args.rollout_batch_size)
               if is_main else None)
     sampled = run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path, resume_from)

@@ -42,7 +42,7 @@ from align.core.hub import check_stage_push, push_after_stage
 from align.core.inputs import load_stage_dataset, validate_columns
 from align.core.model_card import write_model_card
 from align.core.outputs import RunArguments
-from align.lm.models import DEFAULT_MODEL, load_tokenizer, lora_config, resolve_model
+from align.lm.models import DEFAULT_MODEL, load_tokenizer, lora_config, require_adapter, resolve_model
 from align.lm.training import (
     TrainingDefaults,
     TrainingRun,
@@ -147,7 +147,8 @@ def to_comparisons(data: DatasetDict, args: RewardDataArguments, seed: int) -> D
         validate_comparisons(DatasetDict({s: data[s] for s in splits}), STAGE)
         converted = {s: data[s].select_columns(["prompt", "responses", "ranks"]) for s in splits}
     elif {"chosen", "rejected"} <= set(columns):
-        validate_columns(data, STAGE, {"chosen": "str", "rejected": "str"}, splits=splits)
+        schema = {"chosen": "str", "rejected": "str", **({"prompt": "str|messages"} if "prompt" in columns else {})}
+        validate_columns(data, STAGE, schema, splits=splits)
         converted = {s: _pairs_to_comparisons(data[s], s) for s in splits}
     else:
         raise StageError(
@@ -185,8 +186,8 @@ def main(argv: list[str] | None = None) -> Path:
     data = to_comparisons(load_stage_dataset(data_args.dataset_name, STAGE), data_args, training_args.seed)
     model_path = resolve_model(model_args.model_name_or_path, STAGE)
     tokenizer = load_tokenizer(model_path, STAGE)
-    if model_args.sft_adapter and not (Path(model_args.sft_adapter).exists()):
-        raise StageError(STAGE, f"sft_adapter not found: {model_args.sft_adapter} — pass an `align sft` output")
+    if model_args.sft_adapter:
+        require_adapter(model_args.sft_adapter, STAGE)
     truncation = {"truncated_prompts": 0, "truncated_responses": 0}
     encoded = {}
     for split in data:
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
         callbacks=[run.metrics],
     )
     run.attach(trainer)
-    before = (trainer.evaluate(metric_key_prefix="before")
+    before = (run.evaluate_once(trainer, "before")
               if "eval" in encoded and can_evaluate_before_training(trainer) else {})
     pairs = sum(len(ranking_pairs(r)) for r in encoded["train"]["ranks"])
     result = run.train(trainer, f"training a reward model on {len(encoded['train'])} prompts ({pairs} pairs, "

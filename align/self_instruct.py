@@ -63,6 +63,7 @@ from typing import Any
 from datasets import DatasetDict
 
 from align.core.command import StageError, now_iso, parse_config, run_stage
+from align.core.options import AT_LEAST_ONE, NON_NEGATIVE, PROBABILITY_MASS, Choice, Range
 from align.core.outputs import OutputArguments, StageOutput, base_manifest, run_identity, save_dataset_atomic
 from align.instruct.dedup import DEFAULT_EMBEDDING_THRESHOLD, EmbeddingFilter
 from align.instruct.loop import LocalModel, SelfInstruct, SelfInstructSettings
@@ -120,31 +121,25 @@ class SelfInstructArguments(OutputArguments):
 
 
 CONFIG_CLASSES = (SelfInstructArguments, SelfInstructSettings)
+# Checked by `parse_config` with the shared rules of `align.core.options`, before any work.
+OPTION_RULES = {
+    "prompt_mode": Choice(PROMPT_MODES), "num_instructions": AT_LEAST_ONE, "max_rounds": AT_LEAST_ONE,
+    "prompts_per_round": AT_LEAST_ONE, "seed_examples_per_prompt": AT_LEAST_ONE,
+    "generated_examples_per_prompt": NON_NEGATIVE, "new_instructions_per_prompt": AT_LEAST_ONE,
+    "instances_per_task": AT_LEAST_ONE, "instance_temperature": NON_NEGATIVE,
+    "instance_top_p": PROBABILITY_MASS, "instance_max_new_tokens": AT_LEAST_ONE, "min_words": NON_NEGATIVE,
+    "rouge_threshold": Range(0, 1), "embedding_threshold": Range(-1, 1),
+}
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def check_arguments(args: SelfInstructArguments, settings: SelfInstructSettings) -> None:
-    """Report every invalid option at once."""
-    problems = []
-    if args.prompt_mode not in PROMPT_MODES:
-        problems.append(f"--prompt_mode {args.prompt_mode!r} is not one of {', '.join(PROMPT_MODES)}")
-    positive = ("num_instructions", "max_rounds", "prompts_per_round", "batch_size", "new_instructions_per_prompt",
-                "max_new_tokens", "instances_per_task", "instance_max_new_tokens")
-    problems += [f"--{name} must be >= 1" for name in positive if getattr(settings, name) < 1]
-    if settings.seed_examples_per_prompt < 1 or settings.generated_examples_per_prompt < 0:
-        problems.append("--seed_examples_per_prompt must be >= 1 and --generated_examples_per_prompt >= 0")
-    if settings.temperature <= 0 or not 0 < settings.top_p <= 1 or not 0 < settings.instance_top_p <= 1:
-        problems.append("--temperature must be > 0 and --top_p / --instance_top_p in (0, 1]")
-    if settings.instance_temperature < 0:
-        problems.append("--instance_temperature must be >= 0 (0 = greedy)")
-    if settings.min_words < 0 or settings.max_words <= settings.min_words:
-        problems.append("--min_words must be >= 0 and --max_words > --min_words")
-    if not 0 <= settings.rouge_threshold <= 1 or not -1 <= args.embedding_threshold <= 1:
-        problems.append("--rouge_threshold must be in [0, 1] and --embedding_threshold in [-1, 1]")
-    if problems:
-        raise StageError(STAGE, "; ".join(problems) + " — see `align self-instruct --help`")
+def option_problems(args: SelfInstructArguments, settings: SelfInstructSettings) -> list[str]:
+    """What the option ranges (`OPTION_RULES`) cannot say: which options go together."""
+    if settings.max_words <= settings.min_words:
+        return [f"--max_words must be > --min_words (got {settings.max_words} <= {settings.min_words})"]
+    return []
 
 
 def run_config(args: SelfInstructArguments, settings: SelfInstructSettings) -> dict:
@@ -156,7 +151,6 @@ def run_config(args: SelfInstructArguments, settings: SelfInstructSettings) -> d
 def main(argv: list[str] | None = None) -> Path:
     args, settings = parse_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
-    check_arguments(args, settings)
     seeds = load_seed_tasks(args.seed_tasks, STAGE)
     config = run_config(args, settings)
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,

@@ -18,7 +18,6 @@ eval loss, config, input fingerprints) and `logs/` (metrics.jsonl, TensorBoard).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +99,10 @@ class SFTStageConfig(TrainingDefaults, SFTConfig):
 CONFIG_CLASSES = (SFTDataArguments, SFTStageConfig, SFTModelConfig)
 
 
-def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int) -> tuple[DatasetDict, str]:
-    """Pick the format, validate it, and return {train, eval?} with only the columns TRL needs."""
+def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int,
+                 assistant_only_loss: bool = False) -> tuple[DatasetDict, str]:
+    """Pick the format, validate it, and return {train, eval?} with only the columns TRL needs. Under
+    `assistant_only_loss` every chat must have an assistant reply to learn from."""
     train_split = args.dataset_train_split
     if train_split not in data:
         raise StageError(STAGE, f"split '{train_split}' not found in {args.dataset_name} (found: "
@@ -123,6 +124,14 @@ def prepare_data(data: DatasetDict, args: SFTDataArguments, seed: int) -> tuple[
         )
     splits = [train_split] + ([args.dataset_test_split] if args.dataset_test_split in data else [])
     validate_columns(data, STAGE, schema, splits=splits)
+    if kind == "messages" and assistant_only_loss:
+        silent = [f"{args.dataset_name} split '{split}' row {index}" for split in splits
+                  for index, chat in enumerate(data[split]["messages"])
+                  if not any(turn["role"] == "assistant" and turn["content"].strip() for turn in chat)]
+        if silent:
+            more = f" (and {len(silent) - 3} more)" if len(silent) > 3 else ""
+            raise StageError(STAGE, f"{', '.join(silent[:3])}{more}: no assistant reply, so nothing to learn under "
+                             "--assistant_only_loss — drop those rows, or pass --assistant_only_loss false")
     keep = list(schema)
     test = data[args.dataset_test_split].select_columns(keep) if args.dataset_test_split in data else None
     prepared = hold_out(data[train_split].select_columns(keep), test, args.eval_fraction, args.max_train_samples,
@@ -137,7 +146,8 @@ def main(argv: list[str] | None = None) -> Path:
     # Validate everything before writing anything.
     output.check()
     check_stage_push(STAGE, training_args.push_to_hub, training_args.hub_model_id, data_args.hub_endpoint)
-    data, data_kind = prepare_data(load_stage_dataset(data_args.dataset_name, STAGE), data_args, training_args.seed)
+    data, data_kind = prepare_data(load_stage_dataset(data_args.dataset_name, STAGE), data_args, training_args.seed,
+                                   training_args.assistant_only_loss)
     if data_kind == "prompt-completion":
         training_args.assistant_only_loss = False  # the completion mask plays that role
     model_path = resolve_model(model_args.model_name_or_path, STAGE)
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> Path:
         callbacks=[run.metrics],
     )
     run.attach(trainer)
-    baseline = (_baseline_eval_loss(trainer, run.partial, run.is_main)
+    baseline = (run.evaluate_once(trainer, "baseline")["baseline_loss"]
                 if "eval" in data and can_evaluate_before_training(trainer) else None)
     result = run.train(trainer, f"training {model_args.model_name_or_path} on {len(data['train'])} examples "
                                 f"({data_kind})")
@@ -194,20 +204,6 @@ def main(argv: list[str] | None = None) -> Path:
                 f"{eval_metrics['eval_loss']:.4f}" if eval_metrics else "",
                 final / "adapter")
     return final
-
-
-def _baseline_eval_loss(trainer, partial: Path, is_main: bool) -> float:
-    """Eval loss of the untouched base model (a fresh LoRA adapter is the identity), measured once per
-    run and kept in the partial directory so a resumed run reports the same number."""
-    path = partial / "logs" / "baseline.json"
-    measured = path.exists()
-    trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 can write the file
-    if measured:
-        return json.loads(path.read_text())["eval_loss"]
-    loss = trainer.evaluate(metric_key_prefix="baseline")["baseline_loss"]
-    if is_main:
-        path.write_text(json.dumps({"eval_loss": loss}))
-    return loss
 
 
 def cli(argv: list[str] | None = None) -> int:

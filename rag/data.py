@@ -86,10 +86,16 @@ def load_records(path: str | os.PathLike, stage: str, require_gold: bool = True)
         if not isinstance(ctxs, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str)
                                                  for c in ctxs):
             raise StageError(stage, f"{where}: `ctxs` must be a list of passages with a `text` string")
-        golds = [c for c in ctxs if c.get("isgold")]
-        if require_gold and not golds:
+        flags = [c.get("isgold", False) for c in ctxs]
+        if not all(isinstance(flag, bool) for flag in flags):
+            bad = next(flag for flag in flags if not isinstance(flag, bool))
+            raise StageError(stage, f"{where}: `isgold` must be true or false, got {bad!r}")
+        if require_gold and not any(flags):
             raise StageError(stage, f"{where}: no gold passage for {question!r} (no ctx with \"isgold\": true) — "
                              "use a file with gold passages, such as nq-open-oracle")
+        if require_gold and sum(flags) > 1:
+            raise StageError(stage, f"{where}: {sum(flags)} gold passages for {question!r} — mark exactly one passage "
+                             "\"isgold\": true (position sweeps move that one)")
         records.append({
             "id": str(row["id"]) if row.get("id") is not None else str(index + 1),
             "question": question.strip(),

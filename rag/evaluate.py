@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from align.core.command import StageError, now_iso, parse_config, run_stage
 from align.core.journal import JournalWriter, replay
+from align.core.options import AT_LEAST_ONE, Choice
 from align.core.outputs import StageOutput, base_manifest, save_dataset_atomic, write_json_atomic
 from align.lm.generation import GenerationSettings, generate, render_chat
 from align.lm.models import (
@@ -113,6 +114,8 @@ class EvalArguments:
 
 
 CONFIG_CLASSES = (EvalArguments,)
+# Checked by `parse_config` with the shared rules of `align.core.options`, before any work.
+OPTION_RULES = {"benchmark": Choice(BENCHMARKS), "num_questions": AT_LEAST_ONE}
 
 
 @dataclass
@@ -339,12 +342,6 @@ def calibration_for(args: EvalArguments, records: list[dict], embedder):
 
 def validate(args: EvalArguments) -> tuple[list[ModelSpec], list[Cell]]:
     """Everything that can be checked before loading a model; errors are one line, exit code 2."""
-    if args.benchmark not in BENCHMARKS:
-        raise StageError(STAGE, f"unknown benchmark {args.benchmark!r} — choose qa or kv")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise StageError(STAGE, "batch_size and max_new_tokens must be at least 1")
-    if args.num_questions is not None and args.num_questions < 1:
-        raise StageError(STAGE, "num_questions must be at least 1")
     cells = plan_cells(args.arms, args.num_documents, args.gold_positions, STAGE)
     specs = parse_models(args.models)
     for spec in specs:

@@ -37,6 +37,7 @@ import numpy as np
 from datasets import Dataset, load_from_disk
 
 from align.core.command import StageError, now_iso, parse_config, run_stage
+from align.core.options import Choice, Range
 from align.core.outputs import StageOutput, base_manifest, write_json_atomic
 from rag.data import load_records, read_rows
 from rag.metrics import (
@@ -284,13 +285,15 @@ def collect_pairs(args: CalibrateArguments) -> tuple[list[dict], dict[str, str]]
     return pairs, sources
 
 
+# Checked by `parse_config` with the shared rules of `align.core.options`, before any work.
+OPTION_RULES = {"method": Choice(METHODS), "test_fraction": Range(0, 1, low_open=True, high_open=True)}
+
+
 def main(argv: list[str] | None = None) -> Path:
 
     (args,) = parse_config(STAGE, (CalibrateArguments,), argv, module="rag.similarity")
     if args.method not in METHODS:
         raise StageError(STAGE, f"unknown method {args.method!r} — choose isotonic or logistic")
-    if not 0.0 < args.test_fraction < 1.0:
-        raise StageError(STAGE, f"test_fraction must be between 0 and 1, got {args.test_fraction}")
     config = dataclasses.asdict(args)
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir, restart=True)
     output.check()

@@ -400,7 +400,7 @@ def test_sample_mode_human_ranker_writes_a_sheet_that_imports(tmp_path, tiny_mod
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--source", "nope"], "--source 'nope' is not one of"),
+    (["--source", "nope"], "--source must be one of oasst, hh-rlhf, sample, sheet"),
     (["--source", "sample", "--num_responses", "1"], "--num_responses must be >= 2"),
     (["--source", "oasst", "--test_records", "1"], "leave some for train"),
     (["--source", "sample", "--input_path", "{demonstrations}", "--adapter", "{tmp}"], "no adapter at"),

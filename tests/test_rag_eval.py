@@ -117,7 +117,7 @@ def test_rag_eval_writes_every_report_file(rag_set, tiny_model_path, tiny_adapte
     ({"args": ["--arms", "open_book"]}, "unknown arm"),
     ({"args": ["--models", "x=tiny-llama+/nonexistent/adapter"]}, "no adapter at /nonexistent/adapter"),
     ({"args": ["--models", "=tiny-llama"]}, "bad model entry"),
-    ({"args": ["--benchmark", "mmlu"]}, "unknown benchmark"),
+    ({"args": ["--benchmark", "mmlu"]}, "--benchmark must be one of qa, kv (got 'mmlu')"),
 ])
 def test_rag_eval_user_errors_exit_2_and_write_nothing(rag_set, tmp_path, change, message):
     questions = write_jsonl(tmp_path / "q.jsonl", change["records"]) if "records" in change else rag_set[0]

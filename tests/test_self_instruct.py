@@ -190,7 +190,9 @@ def test_bad_seed_files_exit_2_with_one_line(tmp_path, rows, message):
 def test_bad_options_exit_2(tmp_path):
     result = run_align("self-instruct", "--output_dir", tmp_path / "o", "--prompt_mode", "poetry", "--batch_size", "0")
     assert result.returncode == 2
-    assert "--prompt_mode 'poetry'" in result.stderr and "--batch_size must be >= 1" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "error: self-instruct: --prompt_mode must be one of auto, chat, completion (got 'poetry')" in lines[0]
+    assert "error: self-instruct: --batch_size must be >= 1 (got 0)" in lines[1]
     assert "Traceback" not in result.stderr
 
 

@@ -59,7 +59,7 @@ def read_text(path: Path, stage: str) -> str:
     """The text of a (possibly gzipped) UTF-8 file; unreadable files are a StageError."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
+        with opener(path, "rt", encoding="utf-8-sig") as handle:  # a byte-order mark (editors, exports) is dropped
             return handle.read()
     except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise StageError(stage, f"cannot read {path}: {exc} — check that it is a UTF-8 JSON/JSONL file") from None
@@ -97,7 +97,7 @@ def load_stage_dataset(source: str | os.PathLike, stage: str, split: str = "trai
         if (path / "dataset").is_dir():  # a stage output directory
             path = path / "dataset"
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            loaded = load_from_disk(str(path))
+            loaded = _load_saved(path, stage)
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
         files = sorted(p for p in path.iterdir() if p.name.endswith(DATA_FILE_SUFFIXES))
         if not files:
@@ -121,6 +121,26 @@ def load_stage_dataset(source: str | os.PathLike, stage: str, split: str = "trai
             "pass a local path"
         ) from None
     return loaded if isinstance(loaded, DatasetDict) else DatasetDict({split: loaded})
+
+
+def _load_saved(path: Path, stage: str) -> Dataset | DatasetDict:
+    """`load_from_disk`, with its failures as one line: `datasets` cannot load a split saved with no rows."""
+    try:
+        return load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure to read a saved dataset is the user's to fix
+        empty = []
+        for state in sorted(path.rglob("state.json")):
+            try:
+                if not json.loads(state.read_text()).get("_data_files"):
+                    empty.append(state.parent.name if state.parent != path else "the dataset")
+            except (OSError, ValueError):
+                continue
+        if empty:
+            raise StageError(stage, f"{path}: split {', '.join(map(repr, empty))} holds no rows — give the stage a "
+                             "dataset with rows") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageError(stage, f"cannot read the saved dataset at {path} ({first}) — save it again with "
+                         "save_to_disk") from None
 
 
 def _load_file(path: Path, stage: str) -> Dataset:

@@ -21,7 +21,7 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from align.core.command import StageError, package_version
+from align.core.command import StageError, done, on_failure, package_version
 
 logger = logging.getLogger("align")
 
@@ -132,8 +132,9 @@ class StageOutput:
         return self.output_dir.with_name(self.output_dir.name + PARTIAL_SUFFIX)
 
     def check(self) -> None:
-        """Validate before anything is written: the output does not exist (unless overwriting) and
-        any partial run was started with the same config."""
+        """Validate before anything is written: the output can be created, does not exist (unless overwriting),
+        and any partial run was started with the same config."""
+        _check_creatable(self.stage, self.output_dir)
         if self.output_dir.exists() and not self.overwrite:
             raise StageError(
                 self.stage,
@@ -159,7 +160,18 @@ class StageOutput:
         if is_main_process:
             (self.partial / "logs").mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.partial / RUN_CONFIG, strip_secrets(self.config))
+            self._undo = on_failure(self._discard_if_nothing_to_resume)
         return self.partial
+
+    def resumable(self) -> bool:
+        """Whether the working directory holds work a re-run would resume from: a checkpoint or a journal."""
+        journal = self.partial / "journal.jsonl"
+        return any(self.partial.rglob("checkpoint-*")) or (journal.exists() and journal.stat().st_size > 0)
+
+    def _discard_if_nothing_to_resume(self) -> None:
+        """After an error: remove the working directory unless a re-run could resume from it."""
+        if self.partial.exists() and not self.resumable():
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def publish(self, manifest: dict, keep: Iterable[str] = ()) -> Path:
         """Write the manifest, drop working files not in `keep`, and rename partial -> output_dir."""
@@ -176,7 +188,20 @@ class StageOutput:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.partial, self.output_dir)
+        done(getattr(self, "_undo", None))
         return self.output_dir
+
+
+def _check_creatable(stage: str, output_dir: Path) -> None:
+    """`output_dir` (and its working sibling) can be made: its nearest existing ancestor is a writable directory."""
+    ancestor = output_dir.expanduser().absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise StageError(stage, f"cannot create {output_dir}: {ancestor} is a file, not a directory — choose another "
+                         "--output_dir")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise StageError(stage, f"cannot create {output_dir}: {ancestor} is not writable — choose another --output_dir")
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

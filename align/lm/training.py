@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from align.core.command import parse_config
+from align.core.journal import replay
 from align.core.outputs import StageOutput, append_jsonl, base_manifest, run_identity
 from align.lm.models import device_defaults
 
@@ -103,6 +104,17 @@ class MetricsCallback(TrainerCallback):
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
 
 
+class NoCheckpointAtTheEnd(TrainerCallback):
+    """Skip the checkpoint at the last step. The stage writes the adapter right after that step anyway, and a
+    run killed between the two would resume from a checkpoint at the last step, from which transformers runs
+    one step more than an uninterrupted run; from the checkpoint before it, the re-run ends exactly as one."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
+
+
 def latest_checkpoint(checkpoint_dir: Path, remove_incomplete: bool) -> Path | None:
     """The newest checkpoint that finished writing (the trainer writes trainer_state.json last)."""
     if not checkpoint_dir.is_dir():
@@ -142,14 +154,20 @@ class TrainingRun:
         checkpoints = partial / "checkpoints"
         resume_from = latest_checkpoint(checkpoints, remove_incomplete=is_main)
         metrics = MetricsCallback(partial / "logs" / "metrics.jsonl")
-        if resume_from is not None and is_main:
+        if is_main and resume_from is not None:
             truncate_history(metrics.path, int(resume_from.name.split("-")[-1]))
+        elif is_main:  # nothing to resume from: what an earlier attempt logged or measured is done again
+            metrics.path.unlink(missing_ok=True)
+            for measured in (partial / "logs").glob("evaluate-*.json"):
+                measured.unlink()
         # The stage pushes the finished adapter itself (after publishing), never the Trainer's checkpoints.
         training_args = dataclasses.replace(training_args, output_dir=str(checkpoints), push_to_hub=False)
         return cls(output, training_args, is_main, resume_from, metrics)
 
     def attach(self, trainer) -> None:
-        """Send TensorBoard events to logs/tensorboard instead of a run folder inside checkpoints/."""
+        """Send TensorBoard events to logs/tensorboard instead of a run folder inside checkpoints/, and keep the
+        last step out of the checkpoints (`NoCheckpointAtTheEnd`)."""
+        trainer.add_callback(NoCheckpointAtTheEnd())
         for callback in list(trainer.callback_handler.callbacks):
             if isinstance(callback, TensorBoardCallback):
                 trainer.remove_callback(callback)
@@ -163,6 +181,19 @@ class TrainingRun:
         else:
             logger.info("%s -> %s", description, self.output.output_dir)
         return trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
+
+    def evaluate_once(self, trainer, prefix: str) -> dict:
+        """`trainer.evaluate` of the model before training (a fresh LoRA adapter is the identity), measured once
+        per run and kept in logs/evaluate-<prefix>.json: a resumed run reports the same numbers and logs them once."""
+        path = self.partial / "logs" / f"evaluate-{prefix}.json"
+        measured = path.exists()
+        trainer.accelerator.wait_for_everyone()  # every rank decides before rank 0 can write the file
+        if measured:
+            return json.loads(path.read_text())
+        metrics = trainer.evaluate(metric_key_prefix=prefix)
+        if self.is_main:
+            path.write_text(json.dumps(metrics))
+        return metrics
 
     def wait_for_ranks(self, trainer) -> dict:
         """Log this rank's step count, gather all ranks', and wait for everyone. Returns the manifest entry."""
@@ -215,11 +246,9 @@ def can_evaluate_before_training(trainer) -> bool:
 
 
 def truncate_history(path: Path, step: int) -> None:
-    """Drop log records written after the checkpoint we resume from; they will be logged again."""
-    if not path.exists():
-        return
-    kept = [json.loads(line) for line in path.read_text().splitlines()]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept if r.get("step", 0) <= step))
+    """Drop log records written after the checkpoint we resume from (they will be logged again), and a line torn
+    by a kill; the file is rewritten atomically."""
+    replay(path, lambda record: record.get("step", 0) <= step)
 
 
 def parse_training_config(stage: str, config_classes: tuple, argv: list[str] | None):

@@ -35,11 +35,13 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 
 class RecordError(Exception):
-    """One bad source record; `message` names it (line, row, tree or sheet id)."""
+    """One bad source record; `message` names it (line, row, tree or sheet id), `reason` is a short key for
+    counting the records a lenient import skips."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str = "malformed"):
         super().__init__(message)
         self.message = message
+        self.reason = reason
 
 
 class SourceRecord(NamedTuple):
@@ -130,18 +132,19 @@ def hh_comparison(record: SourceRecord, counts: Counter) -> list[dict]:
     where = f"row {record.index} (line {record.line})"
     chosen, rejected = record.data.get("chosen"), record.data.get("rejected")
     if not isinstance(chosen, str) or not isinstance(rejected, str):
-        raise RecordError(f"{where}: needs string fields 'chosen' and 'rejected'")
+        raise RecordError(f"{where}: needs string fields 'chosen' and 'rejected'", "not_text")
     cut_chosen, cut_rejected = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
     prefix = chosen[:cut_chosen]
     if cut_chosen < 0 or cut_rejected < 0 or prefix != rejected[:cut_rejected]:
         raise RecordError(f"{where}: 'chosen' and 'rejected' do not share the conversation up to the last "
-                          "'\\n\\nAssistant:'")
+                          "'\\n\\nAssistant:'", "prompts_differ")
     try:
         prompt = hh_messages(prefix)
     except ValueError as exc:
         raise RecordError(f"{where}: {exc}") from None
     if not prompt or prompt[-1]["role"] != "user":
-        raise RecordError(f"{where}: the conversation before the last 'Assistant:' must end with a 'Human:' turn")
+        raise RecordError(f"{where}: the conversation before the last 'Assistant:' must end with a 'Human:' turn",
+                          "no_user_turn")
     responses = [chosen[cut_chosen + len(HH_ASSISTANT):].strip(), rejected[cut_rejected + len(HH_ASSISTANT):].strip()]
     if responses[0] == responses[1]:
         counts["skipped_identical"] += 1
