@@ -48,28 +48,29 @@ def lines_of(records: list) -> bytes:
     return "".join(json.dumps(record) + "\n" for record in records).encode()
 
 
+def read_or_stage_error(data: bytes, suffix: str, *readers) -> None:
+    """Each reader, given a file holding `data`, returns or raises StageError (anything else fails the test)."""
+    path = file_with(data, suffix)
+    try:
+        for read in readers:
+            try:
+                read(path)
+            except StageError:
+                pass
+    finally:
+        path.unlink()
+
+
 @SETTINGS
 @given(st.binary(max_size=200), st.sampled_from([".jsonl", ".json", ".jsonl.gz", ".csv"]))
 def test_any_bytes_load_or_raise_a_stage_error(data, suffix):
-    path = file_with(data, suffix)
-    try:
-        load_stage_dataset(path, "test")
-    except StageError:
-        pass
-    finally:
-        path.unlink()
+    read_or_stage_error(data, suffix, lambda path: load_stage_dataset(path, "test"))
 
 
 @SETTINGS
 @given(st.lists(JSON, max_size=5))
 def test_any_json_lines_load_or_raise_a_stage_error(records):
-    path = file_with(lines_of(records), ".jsonl")
-    try:
-        load_stage_dataset(path, "test")
-    except StageError:
-        pass
-    finally:
-        path.unlink()
+    read_or_stage_error(lines_of(records), ".jsonl", lambda path: load_stage_dataset(path, "test"))
 
 
 @SETTINGS
@@ -85,25 +86,14 @@ def test_json_lines_parse_or_raise_a_stage_error(text):
 @SETTINGS
 @given(st.lists(RECORD, max_size=4))
 def test_any_rag_records_validate_or_raise_a_stage_error(records):
-    path = file_with(lines_of(records), ".jsonl")
-    for load in (load_records, load_kv_records):
-        try:
-            load(path, "test")
-        except StageError:
-            pass
-    path.unlink()
+    read_or_stage_error(lines_of(records), ".jsonl", lambda path: load_records(path, "test"),
+                        lambda path: load_kv_records(path, "test"))
 
 
 @SETTINGS
 @given(st.lists(RECORD, max_size=4))
 def test_any_seed_tasks_load_or_raise_a_stage_error(records):
-    path = file_with(lines_of(records), ".jsonl")
-    try:
-        load_seed_tasks(path, "test")
-    except StageError:
-        pass
-    finally:
-        path.unlink()
+    read_or_stage_error(lines_of(records), ".jsonl", lambda path: load_seed_tasks(path, "test"))
 
 
 @SETTINGS
@@ -122,17 +112,14 @@ def test_any_source_record_converts_or_raises_a_record_error(data):
 @SETTINGS
 @given(st.text(max_size=300))
 def test_any_sheet_text_reads_or_raises_a_stage_error(text):
-    path = file_with(text.encode("utf-8", "surrogatepass"), ".csv")
-    try:
+    def read_and_convert(path):
         for record in sources.read_sheet(path, "test"):
             try:
                 sources.sheet_comparison(record, Counter())
             except sources.RecordError:
                 pass
-    except StageError:
-        pass
-    finally:
-        path.unlink()
+
+    read_or_stage_error(text.encode("utf-8", "surrogatepass"), ".csv", read_and_convert)
 
 
 @SETTINGS
