@@ -179,13 +179,15 @@ def test_hh_row_gives_the_exact_row():
     }]
 
 
-def test_hh_row_without_a_shared_prompt_is_named(tmp_path):
-    """A pair whose transcripts differ before the last Assistant turn: StageError naming the row; nothing written."""
+def test_hh_row_without_a_shared_prompt_is_named_under_strict(tmp_path):
+    """A pair whose transcripts differ before the last Assistant turn: with --strict true a StageError naming the
+    row and nothing written (without it the row is skipped and counted, see test_bad_inputs.py)."""
     rows = [{"chosen": HH_PROMPT + " 4", "rejected": HH_PROMPT + " 5"},
             {"chosen": HH_PROMPT + " 4", "rejected": "\n\nHuman: Something else\n\nAssistant: 5"}]
     source = write_jsonl(tmp_path / "hh.jsonl", rows)
     with pytest.raises(StageError) as raised:
-        comparisons.main(["--source", "hh-rlhf", "--input_path", str(source), "--output_dir", str(tmp_path / "o")])
+        comparisons.main(["--source", "hh-rlhf", "--input_path", str(source), "--output_dir", str(tmp_path / "o"),
+                          "--strict", "true"])
     assert "row 1 (line 2)" in raised.value.message and "do not share" in raised.value.message
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
