@@ -67,13 +67,14 @@ from align.lm.generation import Generation, GenerationSettings, generate, render
 from align.lm.models import (
     DEFAULT_EMBEDDING_MODEL,
     DEFAULT_MODEL,
-    load_causal_lm,
+    load_for_inference,
     load_tokenizer,
     pick_device,
     require_adapter,
     resolve_embedding_model,
     resolve_model,
 )
+from align.lm.precision import PRECISION_HELP, precision_problems, stage_precision
 from align.preferences import sources
 from align.preferences.format import (
     as_messages,
@@ -146,7 +147,7 @@ class SamplingArguments:
     adapter: str | None = field(
         default=None, metadata={"help": "sample: a LoRA adapter on top of the policy (an `align sft` output dir)."}
     )
-    dtype: str = field(default="auto", metadata={"help": "sample: weights dtype ('auto', 'float32', 'bfloat16')."})
+    precision: str = field(default="auto", metadata={"help": "sample: " + PRECISION_HELP})
     num_responses: int = field(default=4, metadata={"help": "sample: responses per prompt (K >= 2)."})
     temperature: float = field(default=1.0, metadata={"help": "sample: sampling temperature (> 0)."})
     top_p: float = field(default=0.95, metadata={"help": "sample: nucleus sampling probability mass (0 < p <= 1)."})
@@ -208,6 +209,8 @@ def option_problems(args: ComparisonsArguments, sampling: SamplingArguments) -> 
         problems.append("--export_sheet works with --source sheet or --source sample")
     if args.export_sheet and not args.export_sheet.endswith((".jsonl", ".csv")):
         problems.append(f"--export_sheet {args.export_sheet} must end in .jsonl or .csv")
+    if args.source == "sample":
+        problems += precision_problems(sampling.precision)
     return problems
 
 
@@ -311,8 +314,9 @@ def run_sampling(args: ComparisonsArguments, sampling: SamplingArguments, output
     if done:
         logger.info("resuming: %d of %d prompts already sampled (%s)", len(done), len(selected), journal)
     if pending:
-        model = load_causal_lm(model_path, dtype=sampling.dtype, adapter=sampling.adapter, stage=STAGE)
-        model.to(device).eval()
+        precision = stage_precision(sampling.precision, device, STAGE)
+        model = load_for_inference(model_path, precision, [sampling.adapter] if sampling.adapter else [], device,
+                                   STAGE)
         settings = GenerationSettings(sampling.temperature, sampling.top_p, sampling.max_new_tokens)
         with JournalWriter(journal) as writer, \
                 tqdm(total=len(selected), initial=len(done), desc="sampling", unit="prompt") as progress:

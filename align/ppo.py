@@ -49,6 +49,7 @@ from align.lm.models import (
     require_adapter,
     resolve_model,
 )
+from align.lm.precision import PRECISION_HELP, precision_problems, stage_precision
 from align.lm.training import latest_checkpoint, truncate_history
 from align.preferences.prompts import prompt_records
 from align.rlhf.ppo_trainer import (
@@ -102,7 +103,8 @@ class PPOArguments(RunArguments):
                                 "mixed in with weight --ptx_coef, e.g. the SFT data."}
     )
     ptx_max_length: int = field(default=256, metadata={"help": "PPO-ptx: longest sequence in tokens (cut at the end)."})
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype ('auto', 'float32', 'bfloat16')."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP + " PPO keeps fp32 weights, optimizer "
+                                                     "states, output layer, log-probs and losses."})
     save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (and at the end)."})
     eval_prompts: int = field(
         default=0, metadata={"help": "Hold out N prompts (seeded) from training and score the policy's greedy "
@@ -160,9 +162,10 @@ def held_out_reward(trainer: PPOTrainer, prompts: list, cache: Path | None, batc
 
 def option_problems(args: PPOArguments, settings: PPOSettings) -> list[str]:
     """What the option ranges (`OPTION_RULES`) cannot say: which options go together."""
+    problems = precision_problems(args.precision)
     if settings.ptx_coef > 0 and not args.ptx_dataset:
-        return ["--ptx_coef > 0 needs --ptx_dataset (the text whose language-modelling loss is mixed in)"]
-    return []
+        problems.append("--ptx_coef > 0 needs --ptx_dataset (the text whose language-modelling loss is mixed in)")
+    return problems
 
 
 def check_inputs(args: PPOArguments) -> None:
@@ -196,8 +199,9 @@ def build_trainer(args: PPOArguments, settings: PPOSettings, accelerator=None) -
     """Policy (base + merged SFT adapter + new LoRA), value model (reward model + new LoRA), scorer."""
     model_path = resolve_model(args.model_name_or_path, STAGE)
     tokenizer = load_tokenizer(model_path, STAGE)
-    device = accelerator.device if accelerator is not None else pick_device()
-    base = load_causal_lm(model_path, dtype=args.dtype, stage=STAGE)
+    device = accelerator.device if accelerator is not None else torch.device(pick_device())
+    precision = stage_precision(args.precision, device.type, STAGE)
+    base = load_causal_lm(model_path, dtype=torch.float32, stage=STAGE)
     if args.sft_adapter:
         base = merge_adapter(base, args.sft_adapter, stage=STAGE)
     targets = args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
@@ -211,7 +215,7 @@ def build_trainer(args: PPOArguments, settings: PPOSettings, accelerator=None) -
     value = value_model_from(value_base.merge_and_unload(), args.lora_r, args.lora_alpha, args.lora_dropout,
                              targets).to(device)
     ptx = ptx_sequences(args, tokenizer) if args.ptx_dataset and settings.ptx_coef > 0 else None
-    return PPOTrainer(policy, value, tokenizer, scorer, settings, ptx, accelerator), model_path
+    return PPOTrainer(policy, value, tokenizer, scorer, settings, ptx, accelerator, precision), model_path
 
 
 def run_config(args: PPOArguments, settings: PPOSettings) -> dict:

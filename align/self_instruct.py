@@ -72,13 +72,14 @@ from align.instruct.tasks import build_datasets, load_seed_tasks
 from align.lm.models import (
     DEFAULT_EMBEDDING_MODEL,
     DEFAULT_MODEL,
-    load_causal_lm,
+    load_for_inference,
     load_tokenizer,
     pick_device,
     require_adapter,
     resolve_embedding_model,
     resolve_model,
 )
+from align.lm.precision import PRECISION_HELP, precision_problems, stage_precision
 
 STAGE = "self-instruct"
 PROMPT_MODES = ("auto", "chat", "completion")
@@ -100,7 +101,7 @@ class SelfInstructArguments(OutputArguments):
     )
     adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter on the generator (an `align sft` "
                                                                 "output directory)."})
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype ('auto', 'float32', 'bfloat16')."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     prompt_mode: str = field(
         default="completion",
         metadata={"help": "'completion' (raw text continuation, for base models), 'chat' (the chat template, for "
@@ -137,9 +138,10 @@ OPTION_RULES = {
 
 def option_problems(args: SelfInstructArguments, settings: SelfInstructSettings) -> list[str]:
     """What the option ranges (`OPTION_RULES`) cannot say: which options go together."""
+    problems = precision_problems(args.precision)
     if settings.max_words <= settings.min_words:
-        return [f"--max_words must be > --min_words (got {settings.max_words} <= {settings.min_words})"]
-    return []
+        problems.append(f"--max_words must be > --min_words (got {settings.max_words} <= {settings.min_words})")
+    return problems
 
 
 def run_config(args: SelfInstructArguments, settings: SelfInstructSettings) -> dict:
@@ -168,7 +170,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.embedding_filter:
         embedding = EmbeddingFilter.from_model(resolve_embedding_model(args.embedding_model, STAGE),
                                                args.embedding_threshold)
-    model = load_causal_lm(model_path, dtype=args.dtype, adapter=args.adapter, stage=STAGE).to(pick_device()).eval()
+    device = pick_device()
+    precision = stage_precision(args.precision, device, STAGE)
+    model = load_for_inference(model_path, precision, [args.adapter] if args.adapter else [], device, STAGE)
 
     partial = output.open()
     journal = partial / "journal.jsonl"

@@ -45,12 +45,12 @@ from align.lm.generation import GenerationSettings, generate, render_chat
 from align.lm.models import (
     adapter_dir,
     has_adapter,
-    load_causal_lm,
+    load_for_inference,
     load_tokenizer,
-    merge_adapter,
     pick_device,
     resolve_model,
 )
+from align.lm.precision import PRECISION_HELP, Precision, precision_problems, stage_precision
 from rag import report
 from rag.data import (
     DistractorMiner,
@@ -99,7 +99,7 @@ class EvalArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the question subset and of calibration pairs."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
     max_new_tokens: int = field(default=32, metadata={"help": "Longest answer, in tokens."})
-    dtype: str = field(default="auto", metadata={"help": "Model weights dtype: auto, float32, bfloat16."})
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP})
     embedding_model: str = field(default="all-minilm-l6-v2", metadata={"help": "Embeddings for distractors, "
                                                                               "similarity and grounding."})
     calibration: str | None = field(default=None, metadata={"help": "A `rag calibrate` output (default: fit one on "
@@ -116,6 +116,11 @@ class EvalArguments:
 CONFIG_CLASSES = (EvalArguments,)
 # Checked by `parse_config` with the shared rules of `align.core.options`, before any work.
 OPTION_RULES = {"benchmark": Choice(BENCHMARKS), "num_questions": AT_LEAST_ONE}
+
+
+def option_problems(args: EvalArguments) -> list[str]:
+    """What the option ranges (`OPTION_RULES`) cannot say: whether this machine has the precision asked for."""
+    return precision_problems(args.precision)
 
 
 @dataclass
@@ -183,13 +188,10 @@ def check_prompt_lengths(specs: Sequence[ModelSpec], tasks: list[dict], args: Ev
                              f"that is more than model {spec.name} takes ({limit}) — lower num_documents")
 
 
-def load_model(spec: ModelSpec, dtype: str, device: str):
+def load_model(spec: ModelSpec, precision: Precision, device: str):
     path = resolve_model(spec.model, STAGE)
     tokenizer = load_tokenizer(path, STAGE)
-    model = load_causal_lm(path, dtype=None if dtype == "auto" else dtype, stage=STAGE)
-    for adapter in adapter_chain(spec.adapters):
-        model = merge_adapter(model, adapter, stage=STAGE)
-    return model.to(device).eval(), tokenizer
+    return load_for_inference(path, precision, adapter_chain(spec.adapters), device, STAGE), tokenizer
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -274,12 +276,12 @@ def read_journal(path: Path) -> dict[tuple[str, str, str], dict]:
 
 
 def generate_answers(spec: ModelSpec, tasks: list[dict], args: EvalArguments, journal: Path,
-                     done: dict, device: str) -> None:
+                     done: dict, device: str, precision: Precision) -> None:
     """Answer every task of one model that the journal does not hold yet, longest prompts first, in batches."""
     pending = [t for t in tasks if (spec.name, t["cell"], t["question_id"]) not in done]
     if not pending:
         return
-    model, tokenizer = load_model(spec, args.dtype, device)
+    model, tokenizer = load_model(spec, precision, device)
     texts = [render_prompt(tokenizer, args.benchmark, t["prompt"]) for t in pending]
     with JournalWriter(journal) as writer, \
             tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc=f"answering ({spec.name})",
@@ -401,8 +403,9 @@ def main(argv: list[str] | None = None) -> Path:
     if done:
         logger.info("resuming: %d of %d answers already in %s", len(done), len(tasks) * len(specs), journal)
     device = pick_device()
+    precision = stage_precision(args.precision, device, STAGE) if len(done) < len(tasks) * len(specs) else None
     for spec in specs:
-        generate_answers(spec, tasks, args, journal, done, device)
+        generate_answers(spec, tasks, args, journal, done, device, precision)
 
     by_cell = {cell.key: cell for cell in cells}
     index = {record["id"]: i for i, record in enumerate(chosen)}

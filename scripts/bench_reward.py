@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test_trees", type=int, default=16, help="Of those, the last N are held out (default 16).")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="Both trainers' arithmetic (default auto: bf16 where the hardware has it).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the machine's cores).")
     parser.add_argument("--data_dir", default=str(REPO / "runs" / "bench"),
                         help="Where the comparisons dataset is built (once) and reused.")
@@ -170,6 +172,8 @@ class CountingCollator:
 
 def common_training_args(args, bf16: bool, output_dir: str) -> dict:
     """TrainingArguments both trainers share (only the batch size differs)."""
+    import torch
+
     return {
         "output_dir": output_dir,
         "num_train_epochs": args.epochs,
@@ -183,7 +187,8 @@ def common_training_args(args, bf16: bool, output_dir: str) -> dict:
         "seed": args.seed,
         "max_length": args.max_length,
         "gradient_checkpointing": False,  # TRL's RewardConfig defaults to True; ours to False
-        "bf16": bf16,  # TRL's RewardConfig defaults to True even on a CPU; ours only on a bf16 GPU
+        "bf16": bf16,  # the same --precision for both (TRL's RewardConfig alone would pick bf16 everywhere)
+        "use_cpu": not torch.cuda.is_available(),  # transformers runs bf16 autocast on a CPU only when told
         "fp16": False,
         "disable_dropout": True,
         "center_rewards_coefficient": None,
@@ -258,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from align.core.command import configure_logging
     from align.core.inputs import load_stage_dataset
-    from align.lm.models import DEFAULT_MODEL, device_defaults, load_tokenizer, resolve_model
+    from align.lm.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+    from align.lm.precision import choose_precision
     from align.reward import RewardDataArguments, RewardStageConfig, to_comparisons
     from align.rlhf.ranking_loss import ranking_pairs
     from align.rlhf.ranking_trainer import RankingRewardTrainer, tokenize_comparisons
@@ -288,8 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     seqs_per_ours_batch = OURS_PROMPTS_PER_BATCH * responses / prompts
     trl_batch = max(1, round(seqs_per_ours_batch / 2))
     pair_rows, tokenization_check = expand_to_pairs(train, tokenizer, args.max_length, args.seed)
-    bf16 = device_defaults()["bf16"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = choose_precision(args.precision, device).is_bf16
     print(f"model {model_name} ({model_path}); torch threads {torch.get_num_threads()}; device {device}; "
           f"train {prompts} prompts / {responses} responses / {pairs} pairs; test {len(test)} prompts / "
           f"{test_pairs} pairs; ours {OURS_PROMPTS_PER_BATCH} prompts (~{seqs_per_ours_batch:.1f} sequences) per "

@@ -21,6 +21,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _cpu_has_bf16() -> bool:
+    from align.lm.precision import cpu_bf16_flag
+
+    return cpu_bf16_flag() is not None
+
+
+# Tests of the bf16 path run where the CPU computes bf16 natively (CI's machines do).
+NEEDS_BF16 = pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU has no native bf16")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     """A 2-layer Llama with a byte-level tokenizer, built offline (cached after the first build)."""

@@ -208,11 +208,11 @@ def test_embedding_model_encodes():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only defaults")
 def test_device_defaults_cpu(monkeypatch):
-    """On a CPU machine: no bf16; use_cpu only for a multi-process (WORLD_SIZE>1) run."""
+    """On a CPU machine: the CPU; use_cpu only for a multi-process (WORLD_SIZE>1) run."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert device_defaults() == {"bf16": False, "use_cpu": False}
+    assert device_defaults() == {"device_type": "cpu", "use_cpu": False}
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert device_defaults() == {"bf16": False, "use_cpu": True}
+    assert device_defaults() == {"device_type": "cpu", "use_cpu": True}
 
 
 # ----------------------------------------------------------------------------- LoRA adapters

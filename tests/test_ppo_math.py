@@ -56,6 +56,27 @@ def test_logprobs_entropy_and_last_token():
     assert last_token_index(t([[1, 1, 0], [1, 0, 0], [1, 1, 1]])).tolist() == [1, 0, 2]
 
 
+@pytest.mark.parametrize("rows_per_chunk", [1, 2, 5])
+def test_chunked_logprobs_and_entropy_equal_a_full_log_softmax_with_the_same_gradients(rows_per_chunk):
+    """The lean path (gather minus logsumexp, a chunk of rows at a time) gives the full log-softmax's values and
+    gradients, also from bf16 logits (reduced in float32)."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(5, 7, 50) * 4).to(dtype).requires_grad_()
+        tokens = torch.randint(0, 50, (5, 7))
+        full = torch.log_softmax(logits.float(), dim=-1)
+        expected_logprobs = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        expected_entropy = -(full.exp() * full).sum(-1)
+        (expected_grad,) = torch.autograd.grad((expected_logprobs.sum() + expected_entropy.sum()), logits)
+        lean_logprobs = logprobs_of(logits, tokens, rows_per_chunk)
+        lean_entropy = entropy_of(logits, rows_per_chunk)
+        assert lean_logprobs.dtype == torch.float32 and lean_entropy.dtype == torch.float32
+        assert torch.allclose(lean_logprobs, expected_logprobs, atol=1e-5)
+        assert torch.allclose(lean_entropy, expected_entropy, atol=1e-5)
+        (lean_grad,) = torch.autograd.grad((lean_logprobs.sum() + lean_entropy.sum()), logits)
+        assert torch.allclose(lean_grad.float(), expected_grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 def test_kl_penalized_rewards():
     logprobs = t([[-1, -2, -3], [-1, -1, 0]])
     ref = t([[-1.5, -2, -2], [-2, 0, 0]])

@@ -67,6 +67,7 @@ class Choice:
         return f"must be one of {', '.join(map(str, self.values))}"
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # `--precision` of every command that runs a model (`align.lm.precision`)
 POSITIVE = Range(0, low_open=True)
 AT_LEAST_ONE = Range(1)
 NON_NEGATIVE = Range(0)
@@ -74,7 +75,8 @@ FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 PROBABILITY_MASS = Range(0, 1, low_open=True)  # (0, 1]
 
 # Options by name, wherever they are defined (ours, TRL's or transformers'): what a valid value is.
-RULES: dict[str, Range] = {
+RULES: dict[str, Range | Choice] = {
+    "precision": Choice(PRECISIONS),
     # optimisation
     "learning_rate": POSITIVE,
     "value_learning_rate": POSITIVE,

@@ -21,7 +21,7 @@ import importlib.util
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from align.core.command import StageError
@@ -247,6 +247,19 @@ def load_causal_lm(model_path: str, dtype=None, adapter: str | None = None, stag
     return model
 
 
+def load_for_inference(model_path: str, precision, adapters: Sequence[str] = (), device: str = "cpu",
+                       stage: str = "model"):
+    """A frozen causal LM that only generates or scores: loaded in fp32, each adapter in `adapters` merged in
+    turn (in fp32, so merging loses nothing), then cast to `precision`'s dtype (an `align.lm.precision.Precision`),
+    on `device`, in eval mode."""
+    import torch
+
+    model = load_causal_lm(model_path, dtype=torch.float32, stage=stage)
+    for adapter in adapters:
+        model = merge_adapter(model, adapter, stage=stage)
+    return model.to(device=device, dtype=precision.dtype).eval()
+
+
 def adapter_dir(path: str | os.PathLike) -> Path:
     """Accept a stage output directory (uses its ``adapter/``) or an adapter directory."""
     path = Path(path).expanduser()
@@ -296,15 +309,15 @@ def lora_config(model_args):
 
 
 def device_defaults() -> dict:
-    """CPU-safe TrainingArguments defaults: bf16 only on a GPU that supports it (never fp16 by default),
-    and `use_cpu` for a multi-process run on a machine without an accelerator, so that accelerate sets
-    up CPU DDP (gloo) instead of silently running each process on its own."""
+    """Where a training stage runs: `device_type` ('cuda' or 'cpu', for `--precision`), and `use_cpu` for a
+    multi-process run on a machine without an accelerator, so that accelerate sets up CPU DDP (gloo) instead of
+    silently running each process on its own."""
     import torch
 
     has_cuda = torch.cuda.is_available()
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return {
-        "bf16": bool(has_cuda and torch.cuda.is_bf16_supported()),
+        "device_type": "cuda" if has_cuda else "cpu",
         "use_cpu": bool(multi_process and not has_cuda and not _has_other_accelerator()),
     }
 

@@ -29,6 +29,7 @@ from align.core.command import parse_config
 from align.core.journal import replay
 from align.core.outputs import StageOutput, append_jsonl, base_manifest, run_identity
 from align.lm.models import device_defaults
+from align.lm.precision import PRECISION_HELP, Precision, choose_precision
 
 logger = logging.getLogger("align")
 
@@ -66,13 +67,25 @@ class TrainingDefaults:
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Integrations to log to ('tensorboard', 'wandb', 'none', ...)."}
     )
+    precision: str = field(default="auto", metadata={"help": PRECISION_HELP + " Training keeps fp32 weights and "
+                                                     "optimizer states and runs the forward pass under autocast."})
 
     def __post_init__(self):
         defaults = device_defaults()
-        if self.bf16 is None:  # TRL would default to bf16 even on a CPU, where it is slow
-            self.bf16 = defaults["bf16"]
         self.use_cpu = self.use_cpu or defaults["use_cpu"]
+        self.precision_choice = self._choose_precision("cpu" if self.use_cpu else defaults["device_type"])
+        self.bf16 = self.precision_choice.is_bf16
+        if self.bf16 and defaults["device_type"] == "cpu":
+            self.use_cpu = True  # transformers runs bf16 autocast on a CPU only when told it trains there
         super().__post_init__()
+
+    def _choose_precision(self, device_type: str) -> Precision:
+        """`--precision`, with transformers' own `--bf16 true|false` honoured as the same choice."""
+        if self.bf16 is not None and self.precision != "auto" and self.bf16 != (self.precision == "bf16"):
+            raise ValueError(f"--bf16 {str(self.bf16).lower()} contradicts --precision {self.precision} — "
+                             "give only --precision")
+        requested = self.precision if self.bf16 is None else ("bf16" if self.bf16 else "fp32")
+        return choose_precision(requested, device_type)
 
 
 class MetricsCallback(TrainerCallback):
@@ -150,6 +163,8 @@ class TrainingRun:
     def start(cls, output: StageOutput, training_args) -> TrainingRun:
         """Open the working directory and find the checkpoint to resume from (call after validation)."""
         is_main = training_args.process_index == 0
+        if is_main:
+            logger.info("%s; weights and optimizer states in fp32", training_args.precision_choice.describe())
         partial = output.open(is_main_process=is_main)
         checkpoints = partial / "checkpoints"
         resume_from = latest_checkpoint(checkpoints, remove_incomplete=is_main)

@@ -48,15 +48,25 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened * mask
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under `logits` [B, T, V] for `tokens` [B, T] -> [B, T] (float32 softmax)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, rows_per_chunk: int = 1) -> torch.Tensor:
+    """log p(token) under `logits` [B, T, V] for `tokens` [B, T] -> [B, T], in float32.
+
+    Computed as logit(token) - logsumexp(logits), `rows_per_chunk` rows at a time: no [B, T, V] float32
+    log-softmax is ever materialised, only one chunk's [rows, T, V] at a time (the same numbers).
+    """
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()  # [B, T]
+    normalisers = torch.cat([torch.logsumexp(chunk.float(), dim=-1)  # [rows, T]
+                             for chunk in logits.split(rows_per_chunk, dim=0)])
+    return picked - normalisers
 
 
-def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution: [B, T, V] -> [B, T]."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
+def entropy_of(logits: torch.Tensor, rows_per_chunk: int = 1) -> torch.Tensor:
+    """Entropy of each position's next-token distribution: [B, T, V] -> [B, T], in float32, chunk by chunk."""
+    entropies = []
+    for chunk in logits.split(rows_per_chunk, dim=0):
+        log_probs = torch.log_softmax(chunk.float(), dim=-1)  # [rows, T, V]
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+    return torch.cat(entropies)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch import nn
 
 from align.core.command import StageError
 from align.lm.generation import GenerationSettings, eos_ids, generate, render_prompt
+from align.lm.precision import Precision
 from align.rlhf import ppo_math
 
 # (prompts as given: text or chat messages, response texts) -> [B] scores; larger is better.
@@ -79,7 +80,26 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # [B, T]
+        with torch.autocast(hidden.device.type, enabled=False):  # values in fp32 also under bf16 autocast
+            return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # [B, T]
+
+
+class FP32OutputHead(nn.Module):
+    """A causal LM's output layer computed in fp32 under bf16 autocast. PPO divides probabilities of the same
+    tokens computed in different batches; bf16 logits (an 8-bit mantissa: steps of 0.06-0.125 at typical logit
+    sizes) would add that much noise to every log-ratio. The layer itself (its tied weight, any LoRA) is kept."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.head = head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden.float())  # a LoRA on the head (if any) runs inside, in fp32 too
 
 
 def value_model_from(model: nn.Module, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
@@ -125,10 +145,17 @@ class PPOTrainer:
     """Policy (with LoRA), value model and reward function, and the PPO step that improves the policy."""
 
     def __init__(self, policy, value_model: ValueModel, tokenizer, reward_fn: RewardFunction, settings: PPOSettings,
-                 ptx_data: Sequence[list[int]] | None = None, accelerator=None):
+                 ptx_data: Sequence[list[int]] | None = None, accelerator=None, precision: Precision | None = None):
         """`accelerator` (an `accelerate.Accelerator`) spreads the work over processes: each rank samples its
         share of every batch, gradients are averaged across ranks (DDP), statistics and the KL coefficient
-        are the mean over ranks. Without one, everything runs in this process."""
+        are the mean over ranks. Without one, everything runs in this process.
+
+        `precision` bf16: every forward pass (sampling, scoring, training) runs under bf16 autocast while the
+        weights and optimizer states stay fp32; the policy's output layer and the value head stay fp32, and
+        log-probs, KL, advantages and losses are computed in fp32."""
+        self.precision = precision or Precision("fp32", "default")
+        if self.precision.is_bf16:
+            policy.get_base_model().set_output_embeddings(FP32OutputHead(policy.get_base_model().lm_head))
         self.policy, self.value_model, self.tokenizer = policy, value_model, tokenizer
         self.reward_fn, self.settings = reward_fn, settings
         self.kl_controller = ppo_math.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
@@ -163,14 +190,27 @@ class PPOTrainer:
 
     # --- forward passes
 
+    def autocast(self):
+        """The forward passes' precision context (bf16 autocast, or nothing under fp32)."""
+        return self.precision.autocast(self.device.type)
+
     def _response_logits(self, model, sequences, attention_mask, prompt_length):
-        """Logits at the positions that predict response tokens, at the sampling temperature: [B, R, V]."""
-        logits = model(input_ids=sequences, attention_mask=attention_mask).logits
-        return logits[:, prompt_length - 1:-1] / self.settings.temperature
+        """Logits at the positions that predict response tokens, at the sampling temperature: [B, R, V]. The
+        output layer runs only there (`logits_to_keep`), never over the prompt."""
+        response_length = sequences.shape[1] - prompt_length
+        with self.autocast():
+            logits = model(input_ids=sequences, attention_mask=attention_mask,
+                           logits_to_keep=response_length + 1).logits[:, :-1]  # [B, R, V]
+        return logits / self.settings.temperature if self.settings.temperature != 1.0 else logits
 
     def _values(self, sequences, attention_mask, prompt_length, model=None):
         model = model or self.value_model
-        return model(sequences, attention_mask)[:, prompt_length - 1:-1]  # [B, R]
+        with self.autocast():
+            return model(sequences, attention_mask)[:, prompt_length - 1:-1]  # [B, R]
+
+    def _score(self, prompts: list, texts: list[str]) -> torch.Tensor:
+        with self.autocast():
+            return torch.as_tensor(self.reward_fn(prompts, texts), dtype=torch.float32).reshape(-1)
 
     # --- rollout
 
@@ -207,8 +247,7 @@ class PPOTrainer:
 
         texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
                  for ids, m in zip(response, mask, strict=True)]
-        scores = torch.as_tensor(self.reward_fn(list(prompts), texts), dtype=torch.float32,
-                                 device=self.device).reshape(-1)
+        scores = self._score(list(prompts), texts).to(self.device)
         if s.missing_eos_penalty is not None:
             scores = scores + s.missing_eos_penalty * truncated.float()
         rewards, kl = ppo_math.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, self.kl_controller.beta)
@@ -227,17 +266,20 @@ class PPOTrainer:
         scores: list[float] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
-            texts = [g[0].text for g in generate(self.policy, self.tokenizer, [self.render(p) for p in chunk], greedy)]
-            scores += torch.as_tensor(self.reward_fn(chunk, texts), dtype=torch.float32).reshape(-1).tolist()
+            with self.autocast():
+                texts = [g[0].text for g in generate(self.policy, self.tokenizer, [self.render(p) for p in chunk],
+                                                     greedy)]
+            scores += self._score(chunk, texts).tolist()
         return scores
 
     def sample(self, batch) -> torch.Tensor:
         """The one generation call (Hugging Face `generate`; a faster backend can replace this method)."""
         s = self.settings
-        return self.policy.generate(
-            **batch, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,  # no hidden top-k cut
-            max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with self.autocast():
+            return self.policy.generate(
+                **batch, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,  # no hidden top-k cut
+                max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            )
 
     # --- optimisation
 
@@ -265,7 +307,8 @@ class PPOTrainer:
         mask, response = rollout.mask[rows], rollout.sequences[rows, rollout.prompt_length:]
         logits = self._response_logits(self.policy_train, sequences, attention_mask, rollout.prompt_length)
         logprobs = ppo_math.logprobs_of(logits, response)
-        entropy = ppo_math.masked_mean(ppo_math.entropy_of(logits), mask)
+        with torch.set_grad_enabled(s.entropy_coef > 0 and torch.is_grad_enabled()):  # else a statistic only
+            entropy = ppo_math.masked_mean(ppo_math.entropy_of(logits), mask)
         pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], mask,
                                                  s.clip_range)
         values = self._values(sequences, attention_mask, rollout.prompt_length, self.value_train).float()
@@ -299,7 +342,8 @@ class PPOTrainer:
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk], device=self.device)
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk], device=self.device)
         labels = input_ids.masked_fill(attention == 0, -100)
-        return self.policy_train(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        with self.autocast():
+            return self.policy_train(input_ids=input_ids, attention_mask=attention, labels=labels).loss
 
     def step(self, prompts: Sequence[str | list[dict]]) -> tuple[dict[str, float], Rollout]:
         """One PPO iteration on a batch of prompts: rollout, update, KL-coefficient update. Returns statistics."""
