@@ -209,8 +209,10 @@ def build_trainer(args: PPOArguments, settings: PPOSettings, accelerator=None) -
                                              target_modules=targets, task_type="CAUSAL_LM")).to(device)
     reward, reward_tokenizer, reward_manifest = load_reward_model(args.reward_model)
     metrics = reward_manifest.get("metrics", {})
-    scorer = RewardModelScorer(reward.to(device), reward_tokenizer, float(metrics.get("reward_mean", 0.0)),
-                               float(metrics.get("reward_std", 1.0)), args.reward_max_length)
+    # The reward model is frozen: under bf16 its weights are cast once (half the memory, no per-call casts).
+    scorer = RewardModelScorer(reward.to(device=device, dtype=precision.dtype), reward_tokenizer,
+                               float(metrics.get("reward_mean", 0.0)), float(metrics.get("reward_std", 1.0)),
+                               args.reward_max_length)
     value_base, _, _ = load_reward_model(args.reward_model)
     value = value_model_from(value_base.merge_and_unload(), args.lora_r, args.lora_alpha, args.lora_dropout,
                              targets).to(device)

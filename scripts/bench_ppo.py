@@ -16,8 +16,10 @@ timed steps. Reported: completions per second and peak memory (resident set on C
     .venv/bin/python scripts/bench_ppo.py --reward_model runs/reward            # ~10 min on 2 CPU cores
     .venv/bin/python scripts/bench_ppo.py --reward_model runs/reward --steps 2  # quick look
 
+Both sides compute at the same `--precision` (default auto: bf16 mixed precision where the hardware has it).
+
 The last line printed is `RESULT samples_per_s_ours=<a> samples_per_s_trl=<b> ratio=<a/b>
-peak_mb_ours=<x> peak_mb_trl=<y>`; the numbers also go to runs/bench/ppo.json (`--out`).
+peak_mb_ours=<x> peak_mb_trl=<y> mem_ratio=<x/y>`; the numbers also go to runs/bench/ppo.json (`--out`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def run_ours(args) -> dict:
                            mini_batch_size=args.completions, learning_rate=1e-5, value_learning_rate=1e-5,
                            init_kl_coef=0.05, seed=0)
     stage_args = PPOArguments(model_name_or_path=args.model, reward_model=args.reward_model, lora_r=16,
-                              lora_alpha=32, rollout_batch_size=args.completions)
+                              lora_alpha=32, rollout_batch_size=args.completions, precision=args.precision)
     set_seed(0)
     trainer, _ = build_trainer(stage_args, settings)
     prompts = load_prompts(args)
@@ -89,6 +91,7 @@ def run_trl(args) -> dict:
     from trl import RLOOConfig, RLOOTrainer
 
     from align.lm.models import load_causal_lm, load_tokenizer, resolve_model
+    from align.lm.precision import choose_precision
     from align.rlhf.reward_model import RewardModelScorer, load_reward_model
 
     set_seed(0)
@@ -121,7 +124,8 @@ def run_trl(args) -> dict:
         num_generations=2, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         beta=0.05, num_iterations=1, steps_per_generation=1, learning_rate=1e-5, max_steps=args.steps + 1,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available(),
+        bf16=choose_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu").is_bf16,
+        use_cpu=not torch.cuda.is_available(),
     )
     trainer = RLOOTrainer(
         model=load_causal_lm(model_path), reward_funcs=reward_model, args=config,
@@ -142,6 +146,8 @@ def main() -> None:
     parser.add_argument("--completions", type=int, default=8, help="completions per optimizer step (both sides)")
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="both sides' arithmetic (default auto: bf16 where the hardware has it)")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one side, in a child process
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "ppo.json"))
     args = parser.parse_args()
@@ -167,7 +173,7 @@ def main() -> None:
     ours, trl = results["ours"], results["trl"]
     print(f"RESULT samples_per_s_ours={ours['samples_per_s']:.3f} samples_per_s_trl={trl['samples_per_s']:.3f} "
           f"ratio={ours['samples_per_s'] / trl['samples_per_s']:.2f} peak_mb_ours={ours['peak_mb']:.0f} "
-          f"peak_mb_trl={trl['peak_mb']:.0f}")
+          f"peak_mb_trl={trl['peak_mb']:.0f} mem_ratio={ours['peak_mb'] / trl['peak_mb']:.2f}")
 
 
 if __name__ == "__main__":

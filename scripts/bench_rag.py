@@ -1,10 +1,12 @@
-"""Batched RAG answering (what `rag eval` does) against answering one question at a time with plain `generate`.
+"""`rag eval`'s answering path at its defaults against answering one question at a time with plain fp32 `generate`.
 
 Both sides answer the same prompts with the same model, greedily, stopping at the first newline: the prompts of
 `rag eval` on the team's RAG set (closed-book, oracle and k documents with the gold passage first and last).
-Ours: prompts sorted by length, left-padded batches (`rag.evaluate.answer_batches`). Baseline: one
-`model.generate` call per prompt, no padding. Prints the wall time of each, the speedup and the fraction of
-identical answers (padding changes float rounding, which can flip a near-tie in greedy decoding).
+Ours: the model as `rag eval` loads it (`--precision auto`: bf16 weights on a CPU or GPU with native bf16),
+prompts sorted by length, left-padded batches (`rag.evaluate.answer_batches`). Baseline: the fp32 model, one
+`model.generate` call per prompt, no padding. Prints the wall time of each, the speedup, the fraction of
+identical answers (bf16 and padding change float rounding, which can flip a near-tie in greedy decoding) and
+both sides' accuracy (best_subspan_em) with the paired difference.
 
     .venv/bin/python scripts/bench_rag.py                          # default model, 16 questions, k = 5
     .venv/bin/python scripts/bench_rag.py --questions 8 --model tiny-llama --num_documents 2
@@ -40,6 +42,8 @@ def main() -> None:
     import torch
 
     from align.core.command import configure_logging
+    from align.lm.models import load_causal_lm, resolve_model
+    from align.lm.precision import choose_precision
     from rag.data import load_corpus, load_records
     from rag.evaluate import (
         EvalArguments,
@@ -50,6 +54,7 @@ def main() -> None:
         prompt_text,
         render_prompt,
     )
+    from rag.metrics import best_subspan_em
     from rag.position import plan_cells, select_questions
     from rag.retrieval import Embedder
 
@@ -61,6 +66,7 @@ def main() -> None:
     parser.add_argument("--num_documents", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--precision", default="auto", help="rag eval's --precision (default auto).")
     args = parser.parse_args()
 
     configure_logging()
@@ -72,7 +78,9 @@ def main() -> None:
     cells = plan_cells(settings.arms, settings.num_documents, settings.gold_positions, "bench")
     corpus = load_corpus(args.corpus, records, "bench")
     contexts = build_cell_contexts(settings, chosen, cells, Embedder(), corpus)
-    model, tokenizer = load_model(ModelSpec("bench", args.model, []), "auto", "cpu")
+    precision = choose_precision(args.precision, "cpu")
+    model, tokenizer = load_model(ModelSpec("bench", args.model, []), precision, "cpu")
+    plain_model = load_causal_lm(resolve_model(args.model), dtype=torch.float32).eval()
     texts = [render_prompt(tokenizer, "qa", prompt_text("qa", r["question"], contexts[c.key][i]))
              for c in cells for i, r in enumerate(chosen)]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -80,7 +88,8 @@ def main() -> None:
           f"{', '.join(c.key for c in cells)}), {min(lengths)}-{max(lengths)} tokens, model {args.model}, "
           f"{torch.get_num_threads()} threads")
 
-    one_at_a_time(model, tokenizer, texts[:1], 4)  # warm-up: first-call allocations are not what we measure
+    one_at_a_time(plain_model, tokenizer, texts[:1], 4)  # warm-up: first-call allocations are not what we measure
+    list(answer_batches(model, tokenizer, texts[:1], 1, 4))
     start = time.perf_counter()
     ours = [None] * len(texts)
     for batch, generations in answer_batches(model, tokenizer, texts, args.batch_size, args.max_new_tokens):
@@ -88,17 +97,25 @@ def main() -> None:
             ours[i] = generation.text.split("\n")[0].strip()
     batched_s = time.perf_counter() - start
     start = time.perf_counter()
-    baseline = one_at_a_time(model, tokenizer, texts, args.max_new_tokens)
+    baseline = one_at_a_time(plain_model, tokenizer, texts, args.max_new_tokens)
     single_s = time.perf_counter() - start
 
     identical = sum(a == b for a, b in zip(ours, baseline, strict=True)) / len(texts)
-    print(f"batched (batch {args.batch_size}, sorted by length): {batched_s:.1f} s, "
+    answers = [r["answers"] for c in cells for r in chosen]
+    correct_ours = [best_subspan_em(a, gold) for a, gold in zip(ours, answers, strict=True)]
+    correct_base = [best_subspan_em(a, gold) for a, gold in zip(baseline, answers, strict=True)]
+    acc_ours, acc_base = sum(correct_ours) / len(texts), sum(correct_base) / len(texts)
+    flips = sum(a != b for a, b in zip(correct_ours, correct_base, strict=True))
+    print(f"rag eval's path ({precision.name}, batch {args.batch_size}, sorted by length): {batched_s:.1f} s, "
           f"{len(texts) / batched_s:.2f} answers/s")
-    print(f"one at a time (plain generate):   {single_s:.1f} s, {len(texts) / single_s:.2f} answers/s")
+    print(f"one at a time (plain fp32 generate): {single_s:.1f} s, {len(texts) / single_s:.2f} answers/s")
+    print(f"accuracy (best_subspan_em): ours {acc_ours:.3f}, plain {acc_base:.3f}; {flips} of {len(texts)} answers "
+          "change correctness")
     for a, b in zip(ours, baseline, strict=True):
         if a != b:
             print(f"  differs: batched {a!r} vs single {b!r}")
-    print(f"RESULT speedup={single_s / batched_s:.2f} identical_frac={identical:.3f}")
+    print(f"RESULT speedup={single_s / batched_s:.2f} identical_frac={identical:.3f} acc_ours={acc_ours:.3f} "
+          f"acc_plain={acc_base:.3f} correctness_flips={flips}")
 
 
 if __name__ == "__main__":
