@@ -82,7 +82,7 @@ class SFTModelConfig(ModelConfig):
     lora_dropout: float = field(
         default=0.0,
         metadata={"help": "Dropout on each LoRA module's input. 0 by default: on a CPU the random masks of 210 LoRA "
-                  "modules took ~30% of a SmolLM2-135M step, and 0.05 did not lower the held-out loss."},
+                  "modules took about a third of a SmolLM2-135M step, and 0.05 did not lower the held-out loss."},
     )
 
 

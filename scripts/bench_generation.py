@@ -9,7 +9,13 @@ model), side by side on the same prompts: the team's demonstrations' questions t
   two answers share.
 
     .venv/bin/python scripts/bench_generation.py                 # ~6 min on 2 CPU cores
+    .venv/bin/python scripts/bench_generation.py --alternatives  # + the paths not chosen, ~6 min more
     .venv/bin/python scripts/bench_generation.py --prompts 8 --max_new_tokens 32 --model tiny-llama
+
+`--alternatives` also measures what was tried and not made the default: int8 weights with int8 activations
+(`torch.ao` dynamic quantization, fbgemm) on both batch sizes with its greedy agreement, and the bf16 model
+compiled (`torch.compile`) with a static KV cache on one prompt repeated (the best case: every new prompt length
+compiles again).
 
 Last line: `RESULT speedup_b1=<tokens/s ratio> speedup_b8=<completions/s ratio> greedy_agreement=<share>`;
 the numbers also go to runs/bench/generation.json.
@@ -63,6 +69,53 @@ def shared_prefix(tokenizer, a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(left, right, strict=False)) if x != y), min(len(left), len(right)))
 
 
+def alternatives(before, now, tokenizer, texts, sampling, greedy, plain_answers, report, args) -> dict:
+    """The paths measured and not chosen, against the same fp32 baseline figures."""
+    import warnings
+
+    import torch
+
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        int8 = torch.ao.quantization.quantize_dynamic(before, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+    for batch_size in (1, 8):
+        completions, seconds = sample_all(int8, tokenizer, texts, batch_size, sampling, args.seed, False)
+        tokens = token_count(tokenizer, completions)
+        results[f"int8_b{batch_size}"] = {"tokens_per_s": tokens / seconds, "completions_per_s": len(texts) / seconds}
+    answers, _ = sample_all(int8, tokenizer, texts, 8, greedy, args.seed, False)
+    results["int8_greedy_agreement"] = sum(a == b for a, b in zip(plain_answers, answers, strict=True)) / len(texts)
+    results["int8_speedup_b1"] = results["int8_b1"]["tokens_per_s"] / report["b1_before"]["tokens_per_s"]
+    results["int8_speedup_b8"] = results["int8_b8"]["completions_per_s"] / report["b8_before"]["completions_per_s"]
+    print(f"  int8 dynamic quantization: batch 1 {results['int8_speedup_b1']:.2f}x tokens/s, batch 8 "
+          f"{results['int8_speedup_b8']:.2f}x completions/s, greedy agreement {results['int8_greedy_agreement']:.0%}",
+          flush=True)
+
+    batch = tokenizer(texts[:1], return_tensors="pt", add_special_tokens=False)
+    forced = {"do_sample": False, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens,
+              "pad_token_id": tokenizer.pad_token_id, "temperature": None, "top_p": None, "top_k": None}
+
+    def per_token(model, **extra) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**batch, **forced, **extra)
+        return (time.perf_counter() - start) / args.max_new_tokens
+
+    eager = per_token(now)
+    eager_fp32 = per_token(before)
+    start = time.perf_counter()
+    now.forward = torch.compile(now.forward, dynamic=False)
+    per_token(now, cache_implementation="static")
+    compile_s = time.perf_counter() - start
+    compiled = per_token(now, cache_implementation="static")
+    results.update(compile_seconds=compile_s, ms_per_token_fp32=eager_fp32 * 1000, ms_per_token_eager=eager * 1000,
+                   ms_per_token_compiled=compiled * 1000)
+    print(f"  one prompt, {args.max_new_tokens} tokens: fp32 {eager_fp32 * 1000:.1f} ms/token, bf16 eager "
+          f"{eager * 1000:.1f}, bf16 compiled + static cache {compiled * 1000:.1f} (compiling took {compile_s:.0f} s)",
+          flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -70,6 +123,7 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--precision", default="auto", help="The new path's --precision (default auto).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alternatives", action="store_true", help="Also measure int8 and torch.compile.")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "generation.json"))
     args = parser.parse_args()
 
@@ -114,6 +168,9 @@ def main() -> None:
     speedup_b8 = report["b8_now"]["completions_per_s"] / report["b8_before"]["completions_per_s"]
     report.update(speedup_b1=speedup_b1, speedup_b8=speedup_b8)
     print(f"  greedy: {identical:.0%} of answers identical; on average the first {prefix:.1f} tokens agree")
+    if args.alternatives:
+        report["alternatives"] = alternatives(before, now, tokenizer, texts, sampling, greedy, plain_answers, report,
+                                              args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"RESULT speedup_b1={speedup_b1:.2f} speedup_b8={speedup_b8:.2f} greedy_agreement={identical:.3f} "

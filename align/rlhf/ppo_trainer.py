@@ -240,6 +240,7 @@ class PPOTrainer:
 
         logits = self._response_logits(self.policy, sequences, attention_mask, prompt_length)
         logprobs = ppo_math.logprobs_of(logits, response)
+        del logits  # [B, R, V]: not kept beside the reference's
         with self.policy.disable_adapter():
             ref_logits = self._response_logits(self.policy, sequences, attention_mask, prompt_length)
         ref_logprobs = ppo_math.logprobs_of(ref_logits, response)
