@@ -61,7 +61,7 @@ from align.rlhf.ppo_trainer import (
     save_checkpoint,
     value_model_from,
 )
-from align.rlhf.reward_model import RewardModelScorer, load_reward_model
+from align.rlhf.reward_model import RewardModelScorer, load_reward_model, prepare_for_scoring
 
 STAGE = "ppo"
 logger = logging.getLogger("align")
@@ -207,13 +207,13 @@ def build_trainer(args: PPOArguments, settings: PPOSettings, accelerator=None) -
     targets = args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
     policy = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                              target_modules=targets, task_type="CAUSAL_LM")).to(device)
-    reward, reward_tokenizer, reward_manifest = load_reward_model(args.reward_model)
+    reward, reward_tokenizer, reward_manifest = load_reward_model(args.reward_model, dtype=torch.float32)
     metrics = reward_manifest.get("metrics", {})
     # The reward model is frozen: under bf16 its weights are cast once (half the memory, no per-call casts).
-    scorer = RewardModelScorer(reward.to(device=device, dtype=precision.dtype), reward_tokenizer,
+    scorer = RewardModelScorer(prepare_for_scoring(reward, precision, device), reward_tokenizer,
                                float(metrics.get("reward_mean", 0.0)), float(metrics.get("reward_std", 1.0)),
                                args.reward_max_length)
-    value_base, _, _ = load_reward_model(args.reward_model)
+    value_base, _, _ = load_reward_model(args.reward_model, dtype=torch.float32)  # trained: fp32 master weights
     value = value_model_from(value_base.merge_and_unload(), args.lora_r, args.lora_alpha, args.lora_dropout,
                              targets).to(device)
     ptx = ptx_sequences(args, tokenizer) if args.ptx_dataset and settings.ptx_coef > 0 else None
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> Path:
                        args.rollout_batch_size)
 
     # One process, or several under `accelerate launch` / `torchrun` (DDP; gloo on CPUs).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # mixed_precision "no": PPOTrainer applies --precision itself; an `accelerate launch` setting must not add its own.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     world, is_main = accelerator.num_processes, accelerator.is_main_process
     if args.rollout_batch_size % world:
         raise StageError(STAGE, f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of the "

@@ -43,6 +43,7 @@ from align.core.inputs import load_stage_dataset, validate_columns
 from align.core.model_card import write_model_card
 from align.core.outputs import RunArguments
 from align.lm.models import DEFAULT_MODEL, load_tokenizer, lora_config, require_adapter, resolve_model
+from align.lm.precision import compute_in_fp32
 from align.lm.training import (
     TrainingDefaults,
     TrainingRun,
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> Path:
     model = build_reward_model(model_path, tokenizer, model_args.sft_adapter, dtype=model_args.dtype)
     if training_args.disable_dropout:
         disable_dropout_in_model(model)
+    compute_in_fp32(model.score)  # scores (and their normalisation statistics) are not rounded to bf16
     model = get_peft_model(model, lora_config(model_args))
     collator = RankingCollator(tokenizer.pad_token_id, training_args.rank_margin)
     trainer = RankingRewardTrainer(

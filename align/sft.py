@@ -113,7 +113,9 @@ class SFTStageTrainer(SFTTrainer):
     costs a fraction of that. (TRL's entropy / token-accuracy training metrics are not logged on a CPU.)"""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.device.type != "cpu":
+        plain_nll = (self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
+                     and not self.aux_loss_enabled)
+        if self.args.device.type != "cpu" or not plain_nll:  # other losses: TRL's own computation
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 

@@ -92,15 +92,18 @@ def run_trl(args) -> dict:
 
     from align.lm.models import load_causal_lm, load_tokenizer, resolve_model
     from align.lm.precision import choose_precision
-    from align.rlhf.reward_model import RewardModelScorer, load_reward_model
+    from align.rlhf.reward_model import RewardModelScorer, load_reward_model, prepare_for_scoring
 
     set_seed(0)
     model_path = resolve_model(args.model)
     tokenizer = load_tokenizer(model_path)
-    reward, reward_tokenizer, manifest = load_reward_model(args.reward_model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = choose_precision(args.precision, device)
+    reward, reward_tokenizer, manifest = load_reward_model(args.reward_model, dtype=torch.float32)
     metrics = manifest.get("metrics", {})
-    scorer = RewardModelScorer(reward, reward_tokenizer, float(metrics.get("reward_mean", 0.0)),
-                               float(metrics.get("reward_std", 1.0)), 512)
+    # Scored exactly as ours scores (align.ppo): the same cast, device and length limit.
+    scorer = RewardModelScorer(prepare_for_scoring(reward, precision, device), reward_tokenizer,
+                               float(metrics.get("reward_mean", 0.0)), float(metrics.get("reward_std", 1.0)), 512)
 
     def reward_model(prompts, completions, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -124,7 +127,7 @@ def run_trl(args) -> dict:
         num_generations=2, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         beta=0.05, num_iterations=1, steps_per_generation=1, learning_rate=1e-5, max_steps=args.steps + 1,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-        bf16=choose_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu").is_bf16,
+        bf16=precision.is_bf16,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = RLOOTrainer(

@@ -74,6 +74,10 @@ def test_bf16_computes_in_bf16_but_keeps_weights_and_log_probs_in_fp32(tiny_mode
     """Under bf16 the rollout's forward passes run under autocast, while the trainable weights, the output layer's
     logits, log-probs, values and scores stay fp32 (the same rollout under fp32 differs only by bf16 rounding)."""
     trainer = make_trainer(tiny_model_path, precision="bf16")
+    fp32_names = [n for n, p in make_trainer(tiny_model_path).policy.named_parameters() if p.requires_grad]
+    # Checkpoints and the saved adapter name weights alike under both precisions (the output layer's LoRA too).
+    assert [n for n, p in trainer.policy.named_parameters() if p.requires_grad] == fp32_names
+    assert any("lm_head" in n for n in fp32_names)
     seen = []
     layer = trainer.policy.get_base_model().model.layers[0].mlp.down_proj
     handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))

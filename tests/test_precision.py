@@ -76,6 +76,30 @@ def test_autocast_only_under_bf16(cpu):
     assert layer.weight.dtype == torch.float32  # autocast never casts the weights themselves
 
 
+def test_compute_in_fp32_keeps_names_copies_and_fp32_outputs_under_autocast():
+    import copy
+
+    from align.lm.precision import compute_in_fp32
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    names = [name for name, _ in model.named_parameters()]
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16
+        compute_in_fp32(model[1])
+        out = model(x)
+        copied = copy.deepcopy(model[1])  # PEFT copies a trained head this way
+        copied.weight.data.mul_(2)  # the copy computes with its own weights
+        copied.bias.data.mul_(2)
+        assert copied(model[0](x)).dtype == torch.float32
+        assert torch.allclose(copied(model[0](x)), 2 * out, atol=1e-2)
+    assert out.dtype == torch.float32
+    assert [name for name, _ in model.named_parameters()] == names
+    assert isinstance(model[1], torch.nn.Linear)
+    assert compute_in_fp32(model[1]) is model[1] and type(model[1]).__mro__.count(type(model[1])) == 1
+
+
 # ----------------------------------------------------------------------------- the stages
 
 TINY = {stage: ["--config", str(ROOT / "configs" / "tiny" / f"{stage}.yaml")]

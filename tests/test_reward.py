@@ -13,7 +13,7 @@ import torch
 from align import reward
 from align.core.command import StageError
 from align.core.outputs import read_manifest
-from align.lm.precision import choose_precision
+from align.lm.precision import choose_precision, compute_in_fp32
 from align.rlhf.ranking_loss import centering_penalty, kwise_loss, ranking_metrics
 from align.rlhf.reward_model import encode_response, load_reward_model
 from tests.conftest import write_jsonl
@@ -183,8 +183,9 @@ def test_outputs_and_reward_statistics(trained):
     from datasets import Dataset
 
     encoded, _ = reward.tokenize_comparisons(Dataset.from_list(rows), tokenizer, 256)
-    # The statistics were measured at the precision the stage trained in: score at the same one.
+    # The statistics were measured at the precision the stage trained in (the score head in fp32): score alike.
     trained_in = choose_precision("bf16" if loaded["config"]["training"]["bf16"] else "fp32", "cpu")
+    compute_in_fp32(model.get_base_model().score)
     with trained_in.autocast("cpu"):
         scores = reward.score_rows(model, encoded, reward.RankingCollator(tokenizer.pad_token_id))
     flat = [s for row in scores for s in row]

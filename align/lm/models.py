@@ -309,16 +309,18 @@ def lora_config(model_args):
 
 
 def device_defaults() -> dict:
-    """Where a training stage runs: `device_type` ('cuda' or 'cpu', for `--precision`), and `use_cpu` for a
+    """Where a training stage runs: `device_type` ('cuda', 'accelerator' for MPS/XPU, or 'cpu'; for
+    `--precision`), and `use_cpu` for a
     multi-process run on a machine without an accelerator, so that accelerate sets up CPU DDP (gloo) instead of
     silently running each process on its own."""
     import torch
 
     has_cuda = torch.cuda.is_available()
+    other = not has_cuda and _has_other_accelerator()
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return {
-        "device_type": "cuda" if has_cuda else "cpu",
-        "use_cpu": bool(multi_process and not has_cuda and not _has_other_accelerator()),
+        "device_type": "cuda" if has_cuda else ("accelerator" if other else "cpu"),
+        "use_cpu": bool(multi_process and not has_cuda and not other),
     }
 
 

@@ -93,7 +93,7 @@ def _cuda_bf16() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no GPU"
     name = torch.cuda.get_device_name()
-    if torch.cuda.is_bf16_supported():
+    if torch.cuda.is_bf16_supported(including_emulation=False):
         return True, f"{name} supports bf16"
     return False, f"{name} has no bf16"
 
@@ -123,6 +123,29 @@ def choose_precision(requested: str, device_type: str = "cpu") -> Precision:
             raise PrecisionError(f"--precision bf16 needs native bf16, but {why} — use --precision auto or fp32")
         return Precision("bf16", f"--precision bf16; {why}")
     return Precision("bf16", why) if supported else Precision("fp32", why)
+
+
+def compute_in_fp32(module):
+    """Make `module` compute in fp32 even under bf16 autocast, in place (its weights must be fp32): its class becomes a
+    subclass whose forward turns autocast off and takes fp32 inputs. Parameter names, state dicts and deep copies
+    (PEFT copies a trained head) stay as they were. Used for the layers whose outputs are compared closely: the
+    policy's logits (PPO's probability ratios) and reward scores."""
+    base = type(module)
+    if getattr(base, "computes_in_fp32", False):
+        return module
+
+    def forward(self, hidden, *args, **kwargs):
+        with autocast_off(hidden.device.type):
+            return base.forward(self, hidden.float(), *args, **kwargs)
+
+    module.__class__ = type(f"FP32{base.__name__}", (base,), {"forward": forward, "computes_in_fp32": True})
+    return module
+
+
+def autocast_off(device_type: str):
+    import torch
+
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def precision_problems(requested: str, device_type: str | None = None) -> list[str]:

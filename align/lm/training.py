@@ -78,6 +78,9 @@ class TrainingDefaults:
         if self.bf16 and defaults["device_type"] == "cpu":
             self.use_cpu = True  # transformers runs bf16 autocast on a CPU only when told it trains there
         super().__post_init__()
+        # transformers starts from ACCELERATE_MIXED_PRECISION (what `accelerate launch` sets) and only overrides it
+        # when bf16/fp16 is on: --precision fp32 must mean fp32 under any launcher too.
+        self.mixed_precision = "bf16" if self.bf16 else ("fp16" if self.fp16 else "no")
 
     def _choose_precision(self, device_type: str) -> Precision:
         """`--precision`, with transformers' own `--bf16 true|false` honoured as the same choice."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from align.core.command import StageError
 from align.lm.generation import GenerationSettings, eos_ids, generate, render_prompt
-from align.lm.precision import Precision
+from align.lm.precision import Precision, autocast_off, compute_in_fp32
 from align.rlhf import ppo_math
 
 # (prompts as given: text or chat messages, response texts) -> [B] scores; larger is better.
@@ -80,26 +80,8 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        with torch.autocast(hidden.device.type, enabled=False):  # values in fp32 also under bf16 autocast
+        with autocast_off(hidden.device.type):  # values in fp32 also under bf16 autocast
             return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # [B, T]
-
-
-class FP32OutputHead(nn.Module):
-    """A causal LM's output layer computed in fp32 under bf16 autocast. PPO divides probabilities of the same
-    tokens computed in different batches; bf16 logits (an 8-bit mantissa: steps of 0.06-0.125 at typical logit
-    sizes) would add that much noise to every log-ratio. The layer itself (its tied weight, any LoRA) is kept."""
-
-    def __init__(self, head: nn.Linear):
-        super().__init__()
-        self.head = head
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.head.weight
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(hidden.device.type, enabled=False):
-            return self.head(hidden.float())  # a LoRA on the head (if any) runs inside, in fp32 too
 
 
 def value_model_from(model: nn.Module, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
@@ -155,7 +137,9 @@ class PPOTrainer:
         log-probs, KL, advantages and losses are computed in fp32."""
         self.precision = precision or Precision("fp32", "default")
         if self.precision.is_bf16:
-            policy.get_base_model().set_output_embeddings(FP32OutputHead(policy.get_base_model().lm_head))
+            # bf16 logits (an 8-bit mantissa: steps of 0.06-0.125 at typical logit sizes) would put that much noise
+            # into every probability ratio PPO takes between two forward passes; the output layer stays fp32.
+            compute_in_fp32(policy.get_base_model().get_output_embeddings())
         self.policy, self.value_model, self.tokenizer = policy, value_model, tokenizer
         self.reward_fn, self.settings = reward_fn, settings
         self.kl_controller = ppo_math.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
@@ -201,6 +185,9 @@ class PPOTrainer:
         with self.autocast():
             logits = model(input_ids=sequences, attention_mask=attention_mask,
                            logits_to_keep=response_length + 1).logits[:, :-1]  # [B, R, V]
+        if logits.shape[1] != response_length:
+            raise ValueError(f"{type(model).__name__} ignored logits_to_keep: {logits.shape[1]} positions returned "
+                             f"for {response_length} response tokens")
         return logits / self.settings.temperature if self.settings.temperature != 1.0 else logits
 
     def _values(self, sequences, attention_mask, prompt_length, model=None):

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 from align.core.command import StageError
 from align.core.outputs import read_manifest
 from align.lm.models import load_causal_lm, load_tokenizer, merge_adapter, resolve_model
+from align.lm.precision import compute_in_fp32
 
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,16 @@ def load_reward_model(output_dir: str | Path, dtype=None, stage: str = "reward")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model, tokenizer, manifest
+
+
+def prepare_for_scoring(model, precision, device):
+    """A loaded reward model ready to score at `precision` (an `align.lm.precision.Precision`): its frozen weights
+    cast once to the precision's dtype, its score head kept in fp32 (so scores are not rounded to bf16's three
+    digits), on `device`."""
+    model = model.to(device=device, dtype=precision.dtype)
+    score = model.get_base_model().score if isinstance(model, PeftModel) else model.score
+    compute_in_fp32(score.float())
+    return model
 
 
 class RewardModelScorer:
