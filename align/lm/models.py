@@ -309,10 +309,9 @@ def lora_config(model_args):
 
 
 def device_defaults() -> dict:
-    """Where a training stage runs: `device_type` ('cuda', 'accelerator' for MPS/XPU, or 'cpu'; for
-    `--precision`), and `use_cpu` for a
-    multi-process run on a machine without an accelerator, so that accelerate sets up CPU DDP (gloo) instead of
-    silently running each process on its own."""
+    """Where a training stage runs: `device_type` ('cuda', 'accelerator' for MPS/XPU, or 'cpu'; what
+    `--precision` looks at), and `use_cpu` for a multi-process run on a machine without an accelerator, so that
+    accelerate sets up CPU DDP (gloo) instead of silently running each process on its own."""
     import torch
 
     has_cuda = torch.cuda.is_available()
