@@ -6,6 +6,7 @@ For a prompt with K ranked responses every ordered pair (i ranked above j; ties 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -91,3 +92,11 @@ def ranking_metrics(scores: list[list[float]], ranks: list[list[int]]) -> dict:
         "pairs": pairs,
         "accuracy_by_k": {str(k): sum(v) / len(v) for k, v in sorted(by_k.items())},
     }
+
+
+def reward_statistics(scores: list[list[float]]) -> dict:
+    """The mean and (sample) std of the rewards of every response (PPO and the judges normalise with them)."""
+    rewards = [r for row in scores for r in row]
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards) - 1))
+    return {"reward_mean": mean, "reward_std": std}
