@@ -173,7 +173,7 @@ def check_inputs(args: PPOArguments) -> None:
     reward_manifest = Path(args.reward_model) / "manifest.json"
     if not reward_manifest.exists() or read_manifest(args.reward_model).get("stage") != "reward":
         raise StageError(STAGE, f"no reward model at {args.reward_model} — pass an `align reward` output directory")
-    if read_manifest(args.reward_model)["config"]["model"].get("backbone", "lm") != "lm":
+    if read_manifest(args.reward_model).get("config", {}).get("model", {}).get("backbone", "lm") != "lm":
         raise StageError(STAGE, f"{args.reward_model} is an embedding judge; PPO's value model starts from the reward "
                          "model, so it needs an `align reward --backbone lm` output")
     if args.sft_adapter:

@@ -15,6 +15,7 @@ to their own longest sequence, so the padding the full batch would compute is mo
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
@@ -25,6 +26,8 @@ from transformers import Trainer
 
 from align.rlhf.ranking_loss import centering_penalty, kwise_loss, ranking_metrics, ranking_pairs
 from align.rlhf.reward_model import encode_response, sequence_rewards
+
+logger = logging.getLogger("align")
 
 
 class RankingCollator:
@@ -126,6 +129,9 @@ class RankingRewardTrainer(Trainer):
         self.pair_weighting = pair_weighting
         self.center_rewards_coefficient = center_rewards_coefficient
         self.sequences_per_pass = sequences_per_pass
+        if sequences_per_pass and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()):
+            logger.warning("dropout is on: the two passes of a step draw different masks, so its gradients only "
+                           "approximate the whole batch's — keep disable_dropout true, or set sequences_per_pass 0")
         self.model_accepts_loss_kwargs = False  # our loss is already a mean; let Trainer scale for accumulation
 
     def loss_of_rewards(self, rewards: torch.Tensor, inputs: dict) -> torch.Tensor:

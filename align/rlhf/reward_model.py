@@ -82,7 +82,7 @@ def load_reward_model(output_dir: str | Path, dtype=None, stage: str = "reward")
     manifest = read_manifest(output_dir)
     if manifest.get("stage") != "reward":
         raise StageError(stage, f"{output_dir} is a '{manifest.get('stage')}' output, not a reward model")
-    if manifest["config"]["model"].get("backbone", "lm") != "lm":
+    if manifest.get("config", {}).get("model", {}).get("backbone", "lm") != "lm":
         raise StageError(stage, f"{output_dir} is an embedding judge, not a language-model reward model — load it "
                          "with align.rlhf.embedding_judge.EmbeddingJudge")
     model_config = manifest["config"]["model"]
