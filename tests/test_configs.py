@@ -46,8 +46,8 @@ def test_config_parses(path: Path, tmp_path):
         command = path.stem.split("-")[0]
         module = importlib.import_module({"eval": "rag.evaluate"}[command])
         stage, launch = f"rag {command}", f"rag {command} --config"
-    else:
-        stage = path.stem
+    else:  # <stage>[_variant].yaml
+        stage = path.stem.split("_")[0]
         module = importlib.import_module(f"align.{stage.replace('-', '_')}")
         launch = f"align {stage} --config"
     parsed = parse_config(stage, module.CONFIG_CLASSES, ["--config", str(path), "--output_dir", str(tmp_path)])
