@@ -5,25 +5,29 @@ Every judge is trained and scored by `align reward --cv_folds F` itself, on the 
 cross-validated in folds grouped by conversation (no tree on both sides of a fold; the same folds for
 every judge: same data, same seed). Side by side in one run:
 
-- `before`: the LM reward model with the settings `configs/reward.yaml` had before cross-validation
-  chose them (max_length 384, 2 epochs, the whole batch in one pass), cross-validation only.
-- `default`: `configs/reward.yaml` as it is now: cross-validation, then the final model on trees 1-64.
+- `today`: the LM reward model with the settings `configs/reward.yaml` had before cross-validation was
+  run on them (max_length 384, 2 epochs, the whole batch in one pass), cross-validation only.
+- `short`: a cheaper candidate (max_length 256, 1 epoch), cross-validation only.
 - `embedding`: `configs/reward_embedding.yaml`, the independent judge (frozen all-MiniLM-L6-v2 + a head).
 - `longer`: no model — "the longer response wins", the baseline every judge has to beat.
+- memory: `configs/reward.yaml` as shipped, trained for `--memory_steps` steps on 4 x that many prompts,
+  once with its two-pass steps (`sequences_per_pass 8`) and once in one pass (`0`): peak resident memory
+  and seconds per optimizer step of each.
 
 Measured per judge: pooled pairwise accuracy with a 95% interval (bootstrap over conversations), by length
 gap, the within-prompt correlation of score and log length, training seconds per fold, peak resident memory
 of the process (`os.wait4`), and wall time; and the share of pairs the default LM judge and the embedding
 judge order alike (their held-out scores come from the same folds).
 
-    .venv/bin/python scripts/bench_reward_quality.py                  # about an hour on 2 CPU cores
-    .venv/bin/python scripts/bench_reward_quality.py --folds 5 --skip before
+    .venv/bin/python scripts/bench_reward_quality.py                  # about 75 minutes on 2 CPU cores
+    .venv/bin/python scripts/bench_reward_quality.py --reuse          # read finished judges in --work again
     .venv/bin/python scripts/bench_reward_quality.py --model tiny-llama --folds 2   # plumbing check, minutes
 
 The last line printed is
 `RESULT cv_acc=... cv_lo=... cv_acc_before=... embed_cv_acc=... agreement=... peak_rss_gb=... minutes=...`
-(cv_acc/cv_lo and peak_rss_gb: the default LM judge; minutes: the whole benchmark); everything also goes to
-runs/bench/reward_quality.json.
+(cv_acc/cv_lo: the LM settings with the best cross-validated accuracy; cv_acc_before: `today`; peak_rss_gb: the
+shipped config's training; minutes: the whole benchmark, or with --reuse the sum of the reused runs' wall times
+and this one's); everything also goes to runs/bench/reward_quality.json.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 OASST_TREES = REPO.parent / "shared" / "data" / "oasst" / "en_trees_80.jsonl"
-BEFORE = "--max_length 384 --num_train_epochs 2 --warmup_steps 5 --sequences_per_pass 0 --cv_only true"
+CANDIDATES = {
+    "today": "--max_length 384 --num_train_epochs 2 --warmup_steps 5 --sequences_per_pass 0 --cv_only true",
+    "short": "--max_length 256 --num_train_epochs 1 --warmup_steps 3 --sequences_per_pass 8 --cv_only true",
+}
 
 
 def run(args: list[str], log: Path) -> dict:
@@ -70,11 +77,31 @@ def held_out_scores(output: Path, rows: int) -> list[list[float]]:
     return scores
 
 
+def memory_runs(comparisons: Path, work: Path, model: list[str], steps: int) -> dict:
+    """The shipped config trained for `steps` steps (4 prompts each), in two passes and in one; no evaluation."""
+    out = {}
+    for per_pass in ("8", "0"):
+        output = work / f"memory-{per_pass}"
+        print(f"== memory: configs/reward.yaml, {steps} steps, --sequences_per_pass {per_pass}", flush=True)
+        measured = run(["reward", "--config", "configs/reward.yaml", *model, "--dataset_name", str(comparisons),
+                        "--output_dir", str(output), "--max_train_samples", str(4 * steps), "--max_steps",
+                        str(steps), "--dataset_test_split", "none", "--eval_fraction", "0", "--save_steps",
+                        str(10 * steps), "--sequences_per_pass", per_pass, "--report_to", "none",
+                        "--overwrite_output_dir", "true"], work / f"memory-{per_pass}.log")
+        runtime = json.loads((output / "manifest.json").read_text())["metrics"]["train_runtime_s"]
+        out[per_pass] = {**measured, "train_runtime_s": runtime, "seconds_per_step": round(runtime / steps, 1)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds", type=int, default=3, help="Cross-validation folds (grouped by conversation).")
     parser.add_argument("--model", default=None, help="Override the LM judges' base model (e.g. tiny-llama).")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["before", "default", "embedding"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=[*CANDIDATES, "embedding", "memory"])
+    parser.add_argument("--reuse", action="store_true",
+                        help="Read the judges already finished in --work instead of training them again (their wall "
+                        "time and peak memory from <name>.measured.json); keep --folds and the configs unchanged.")
+    parser.add_argument("--memory_steps", type=int, default=6, help="Optimizer steps of each memory run.")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench" / "reward_quality"))
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "reward_quality.json"))
     args = parser.parse_args()
@@ -102,20 +129,24 @@ def main() -> None:
     data = load_from_disk(str(comparisons / "dataset"))
     rows = concatenate_datasets([data["train"], data["test"]])
     model = ["--model_name_or_path", args.model] if args.model else []
-    variants = {
-        "before": ["--config", "configs/reward.yaml", *shlex.split(BEFORE), *model],
-        "default": ["--config", "configs/reward.yaml", *model],
-        "embedding": ["--config", "configs/reward_embedding.yaml"],
-    }
+    variants = {name: ["--config", "configs/reward.yaml", *shlex.split(flags), *model]
+                for name, flags in CANDIDATES.items()}
+    variants["embedding"] = ["--config", "configs/reward_embedding.yaml"]
     results: dict = {"folds": args.folds, "pairs": None, "variants": {}}
     for name, flags in variants.items():
         if name in args.skip:
             continue
         output = work / name
-        print(f"== {name}: align reward {' '.join(flags)} --cv_folds {args.folds}", flush=True)
-        measured = run(["reward", *flags, "--dataset_name", str(comparisons), "--output_dir", str(output),
-                        "--cv_folds", str(args.folds), "--report_to", "none", "--overwrite_output_dir", "true"],
-                       work / f"{name}.log")
+        stage_args = ["reward", *flags, "--dataset_name", str(comparisons), "--output_dir", str(output),
+                      "--cv_folds", str(args.folds), "--report_to", "none", "--overwrite_output_dir", "true"]
+        record = work / f"{name}.measured.json"  # wall time and peak memory of the run that trained it
+        if args.reuse and record.exists() and (output / "manifest.json").exists():
+            print(f"== {name}: reusing {output}", flush=True)
+            measured = json.loads(record.read_text())
+        else:
+            print(f"== {name}: align reward {' '.join(flags)} --cv_folds {args.folds}", flush=True)
+            measured = run(stage_args, work / f"{name}.log")
+            record.write_text(json.dumps(measured) + "\n")
         manifest = json.loads((output / "manifest.json").read_text())
         cv = manifest["metrics"]["cv"]
         results["variants"][name] = {"flags": " ".join(flags), **measured, "cv": cv,
@@ -134,10 +165,16 @@ def main() -> None:
     results["variants"]["longer"] = {"cv": {**longer, "length_correlation":
                                             within_prompt_length_correlation(lengths, rows["responses"])}}
     measured = results["variants"]
-    if "default" in measured and "embedding" in measured:
-        results["agreement"] = agreement(held_out_scores(work / "default", len(rows)),
+    lm = [name for name in CANDIDATES if name in measured]
+    chosen = max(lm, key=lambda name: measured[name]["cv"]["accuracy"]) if lm else None
+    results["chosen"] = chosen
+    if chosen and "embedding" in measured:
+        results["agreement"] = agreement(held_out_scores(work / chosen, len(rows)),
                                          held_out_scores(work / "embedding", len(rows)), rows["ranks"])
-    results["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    if "memory" not in args.skip:
+        results["memory"] = memory_runs(comparisons, work, model, args.memory_steps)
+    reused = sum(measured[name]["wall_s"] for name in measured if args.reuse and "wall_s" in measured[name])
+    results["minutes"] = round((time.perf_counter() - started + reused) / 60, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
@@ -157,10 +194,14 @@ def main() -> None:
         return "n/a" if value is None else f"{value:.3f}"
 
     alike = results.get("agreement")
-    print(f"RESULT cv_acc={figure('default', 'accuracy')} cv_lo={figure('default', 'accuracy_low')} "
-          f"cv_acc_before={figure('before', 'accuracy')} embed_cv_acc={figure('embedding', 'accuracy')} "
+    memory = results.get("memory", {})
+    for name, entry in memory.items():
+        print(f"memory, sequences_per_pass {name}: peak {entry['peak_rss_gb']} GB, {entry['seconds_per_step']} s/step")
+    print(f"RESULT cv_acc={figure(chosen, 'accuracy')} cv_lo={figure(chosen, 'accuracy_low')} chosen={chosen} "
+          f"cv_acc_before={figure('today', 'accuracy')} embed_cv_acc={figure('embedding', 'accuracy')} "
           f"agreement={'n/a' if alike is None else f'{alike:.3f}'} "
-          f"peak_rss_gb={measured.get('default', {}).get('peak_rss_gb', 'n/a')} minutes={results['minutes']}")
+          f"peak_rss_gb={memory.get('8', {}).get('peak_rss_gb', 'n/a')} "
+          f"peak_rss_gb_one_pass={memory.get('0', {}).get('peak_rss_gb', 'n/a')} minutes={results['minutes']}")
 
 
 if __name__ == "__main__":
