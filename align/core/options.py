@@ -110,6 +110,12 @@ RULES: dict[str, Range | Choice] = {
     # reward model
     "rank_margin": NON_NEGATIVE,
     "center_rewards_coefficient": NON_NEGATIVE,
+    "sequences_per_pass": NON_NEGATIVE,
+    "judge_hidden_size": NON_NEGATIVE,
+    "judge_epochs": AT_LEAST_ONE,
+    "judge_learning_rate": POSITIVE,
+    "judge_weight_decay": NON_NEGATIVE,
+    "judge_dropout": FRACTION,
     # sampling
     "temperature": POSITIVE,
     "top_p": PROBABILITY_MASS,
