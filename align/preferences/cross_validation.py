@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from align.core.journal import JournalWriter, replay
+from align.preferences.format import ranking_pairs
 
 # Bins of |len(a) - len(b)| / max(len(a), len(b)) in words, the upper edge of each (the last takes the rest).
 LENGTH_BINS = ((0.1, "<10%"), (0.3, "10-30%"), (0.6, "30-60%"), (1.01, ">=60%"))
@@ -79,10 +80,6 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def _pairs(ranks: Sequence[int]) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
-
-
 def _won(better: float, worse: float) -> float:
     return 1.0 if better > worse else 0.5 if better == worse else 0.0
 
@@ -96,7 +93,7 @@ def pair_records(scores: Sequence[Sequence[float]], ranks: Sequence[Sequence[int
     records = []
     for row, (row_scores, row_ranks, row_responses) in enumerate(zip(scores, ranks, responses, strict=True)):
         lengths = [_words(r) for r in row_responses]
-        for i, j in _pairs(row_ranks):
+        for i, j in ranking_pairs(row_ranks):
             longest = max(lengths[i], lengths[j]) or 1
             records.append({
                 "correct": _won(row_scores[i], row_scores[j]),
@@ -192,7 +189,7 @@ def agreement(scores_a: Sequence[Sequence[float]], scores_b: Sequence[Sequence[f
     """Share of the rankings' pairs two judges order alike (a tie in either counts half)."""
     same = []
     for a, b, row_ranks in zip(scores_a, scores_b, ranks, strict=True):
-        for i, j in _pairs(row_ranks):
+        for i, j in ranking_pairs(row_ranks):
             da, db = a[i] - a[j], b[i] - b[j]
             same.append(0.5 if da == 0 or db == 0 else float((da > 0) == (db > 0)))
     return _mean(same)

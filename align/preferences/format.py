@@ -14,6 +14,15 @@ from align.core.command import StageError
 from align.core.inputs import validate_columns
 
 
+def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
+    """All ordered pairs (better, worse) of a ranking; 0 is best, equal ranks are ties (no pair).
+
+    >>> ranking_pairs([1, 0, 1])
+    [(1, 0), (1, 2)]
+    """
+    return [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
+
+
 def check_ranking(responses: Any, ranks: Any) -> str | None:
     """Say what is wrong with one comparison's ranking, or None when it is valid.
 

@@ -12,14 +12,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-
-def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
-    """All ordered pairs (better, worse) of a ranking; 0 is best, equal ranks are ties (no pair).
-
-    >>> ranking_pairs([1, 0, 1])
-    [(1, 0), (1, 2)]
-    """
-    return [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
+from align.preferences.format import ranking_pairs  # noqa: F401 - part of this module's interface
 
 
 def kwise_loss(
