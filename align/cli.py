@@ -17,6 +17,7 @@ STAGES = {
     "comparisons": ("align.comparisons", "K ranked responses per prompt: OASST, HH-RLHF, sampled policy, human sheets"),
     "reward": ("align.reward", "reward model trained on K-wise rankings (or chosen/rejected pairs)"),
     "ppo": ("align.ppo", "PPO against a reward model: LoRA policy on the SFT model, value model from the reward model"),
+    "evaluate": ("align.evaluate", "alignment report: win rates, length control, KL, best-of-n, by unoptimised judges"),
     "pipeline": ("align.pipeline", "every stage above, then `rag eval`, from one YAML; up-to-date stages are skipped"),
     "push": ("align.push", "upload a trained adapter with its model card (lineage, config, metrics) to a model hub"),
 }

@@ -42,14 +42,8 @@ from align.core.journal import JournalWriter, replay
 from align.core.options import AT_LEAST_ONE, Choice
 from align.core.outputs import StageOutput, base_manifest, save_dataset_atomic, write_json_atomic
 from align.lm.generation import GenerationSettings, generate, render_chat
-from align.lm.models import (
-    adapter_dir,
-    has_adapter,
-    load_for_inference,
-    load_tokenizer,
-    pick_device,
-    resolve_model,
-)
+from align.lm.models import load_tokenizer, pick_device, resolve_model
+from align.lm.policies import PolicySpec, adapter_chain, load_policy, parse_policies, policy_problems
 from align.lm.precision import PRECISION_HELP, Precision, precision_problems, stage_precision
 from rag import report
 from rag.data import (
@@ -123,53 +117,7 @@ def option_problems(args: EvalArguments) -> list[str]:
     return precision_problems(args.precision)
 
 
-@dataclass
-class ModelSpec:
-    name: str
-    model: str
-    adapters: list[str]
-
-
-def parse_models(entries: Sequence[str], stage: str = STAGE) -> list[ModelSpec]:
-    """`NAME=MODEL[+ADAPTER...]` entries (a bare MODEL is named after itself); names must be unique."""
-    specs = []
-    for entry in entries:
-        name, _, target = entry.partition("=") if "=" in entry else (entry, "", entry)
-        parts = [p.strip() for p in target.split("+")]
-        if not name.strip() or not all(parts):
-            raise StageError(stage, f"bad model entry {entry!r} — write NAME=MODEL or NAME=MODEL+ADAPTER")
-        specs.append(ModelSpec(name.strip(), parts[0], parts[1:]))
-    names = [s.name for s in specs]
-    if not specs or len(set(names)) < len(names):
-        raise StageError(stage, f"models need unique names, got {names}")
-    return specs
-
-
-def adapter_chain(adapters: Sequence[str]) -> list[str]:
-    """Adapters to merge in order: a PPO output is preceded by the SFT adapter named in its manifest."""
-    chain: list[str] = []
-    seen: set[Path] = set()
-
-    def add(adapter: str) -> None:
-        key = adapter_dir(adapter).resolve()
-        if key not in seen:  # the same adapter named twice (or by two paths) is merged once
-            seen.add(key)
-            chain.append(adapter)
-
-    for adapter in adapters:
-        stage_dir = adapter_dir(adapter).parent if adapter_dir(adapter).name == "adapter" else Path(adapter)
-        try:
-            manifest = json.loads((stage_dir / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            manifest = {}
-        sft = (manifest.get("depends_on") or {}).get("sft_adapter")
-        if manifest.get("stage") == "ppo" and sft:
-            add(sft)
-        add(adapter)
-    return chain
-
-
-def check_prompt_lengths(specs: Sequence[ModelSpec], tasks: list[dict], args: EvalArguments) -> None:
+def check_prompt_lengths(specs: Sequence[PolicySpec], tasks: list[dict], args: EvalArguments) -> None:
     """Fail before any work when the longest prompt plus the answer does not fit a model's context."""
     from transformers import AutoConfig  # torch and transformers load only once a run starts, not for --help
 
@@ -188,10 +136,10 @@ def check_prompt_lengths(specs: Sequence[ModelSpec], tasks: list[dict], args: Ev
                              f"that is more than model {spec.name} takes ({limit}) — lower num_documents")
 
 
-def load_model(spec: ModelSpec, precision: Precision, device: str):
+def load_model(spec: PolicySpec, precision: Precision, device: str):
     path = resolve_model(spec.model, STAGE)
     tokenizer = load_tokenizer(path, STAGE)
-    return load_for_inference(path, precision, adapter_chain(spec.adapters), device, STAGE), tokenizer
+    return load_policy(path, spec.adapters, precision, device, STAGE), tokenizer
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -275,7 +223,7 @@ def read_journal(path: Path) -> dict[tuple[str, str, str], dict]:
     return done
 
 
-def generate_answers(spec: ModelSpec, tasks: list[dict], args: EvalArguments, journal: Path,
+def generate_answers(spec: PolicySpec, tasks: list[dict], args: EvalArguments, journal: Path,
                      done: dict, device: str, precision: Precision) -> None:
     """Answer every task of one model that the journal does not hold yet, longest prompts first, in batches."""
     pending = [t for t in tasks if (spec.name, t["cell"], t["question_id"]) not in done]
@@ -342,19 +290,15 @@ def calibration_for(args: EvalArguments, records: list[dict], embedder):
 # ----------------------------------------------------------------------------- main
 
 
-def validate(args: EvalArguments) -> tuple[list[ModelSpec], list[Cell]]:
+def validate(args: EvalArguments) -> tuple[list[PolicySpec], list[Cell]]:
     """Everything that can be checked before loading a model; errors are one line, exit code 2."""
     cells = plan_cells(args.arms, args.num_documents, args.gold_positions, STAGE)
-    specs = parse_models(args.models)
+    specs = parse_policies(args.models, STAGE)
     for spec in specs:
         resolve_model(spec.model, STAGE)
-        for adapter in spec.adapters:
-            if not has_adapter(adapter):
-                raise StageError(STAGE, f"model {spec.name}: no adapter at {adapter} — pass a training stage's output")
-        for adapter in adapter_chain(spec.adapters):  # e.g. the SFT adapter a PPO output names
-            if not has_adapter(adapter):
-                raise StageError(STAGE, f"model {spec.name}: the SFT adapter {adapter} its PPO adapter was trained on "
-                                 "is missing — pass it explicitly: NAME=MODEL+SFT+PPO")
+    problems = [problem for spec in specs for problem in policy_problems(spec)]
+    if problems:
+        raise StageError(STAGE, problems)
     return specs, cells
 
 

@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+from align.core.plots import error_bars, pyplot
 from rag.metrics import mcnemar, rate
 
 
@@ -164,20 +165,10 @@ def headline(summary: dict, output: Path) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _error_bars(values: list[float], intervals: list[list[float]]) -> list[list[float]]:
-    """matplotlib's [below, above] distances from each value to its interval ends (never negative)."""
-    return [[max(0.0, v - low) for v, (low, _) in zip(values, intervals, strict=True)],
-            [max(0.0, high - v) for v, (_, high) in zip(values, intervals, strict=True)]]
-
-
 def plot(summary: dict, directory: Path) -> list[Path]:
     """accuracy_by_position.png (one panel per k, a line per model, closed-book/oracle as horizontal lines) and
     accuracy_by_num_documents.png (pooled accuracy against k, a line per model)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     models = [m["name"] for m in summary["models"]]
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
@@ -192,7 +183,7 @@ def plot(summary: dict, directory: Path) -> list[Path]:
             if cells:
                 xs = [c["gold_position"] for c in cells]
                 ys = [acc[m][c["key"]]["accuracy"]["rate"] for c in cells]
-                bars = _error_bars(ys, [acc[m][c["key"]]["accuracy"]["ci95"] for c in cells])
+                bars = error_bars(ys, [acc[m][c["key"]]["accuracy"]["ci95"] for c in cells])
                 axis.errorbar(xs, ys, yerr=bars, marker="o", capsize=3, color=colors[m], label=m)
                 axis.set_xticks(xs)
             for arm, style in (("closed_book", "--"), ("oracle", ":")):
@@ -216,7 +207,7 @@ def plot(summary: dict, directory: Path) -> list[Path]:
         if per_k:
             xs = sorted(per_k, key=int)
             ys = [per_k[k]["rate"] for k in xs]
-            bars = _error_bars(ys, [per_k[k]["ci95"] for k in xs])
+            bars = error_bars(ys, [per_k[k]["ci95"] for k in xs])
             axis.errorbar([int(k) for k in xs], ys, yerr=bars, marker="o", capsize=3, color=colors[m], label=m)
     axis.set_xlabel("documents in the context (pooled over gold positions)")
     axis.set_ylabel("accuracy (best_subspan_em)")

@@ -47,7 +47,7 @@ def main() -> None:
     from rag.data import load_corpus, load_records
     from rag.evaluate import (
         EvalArguments,
-        ModelSpec,
+        PolicySpec,
         answer_batches,
         build_cell_contexts,
         load_model,
@@ -79,7 +79,7 @@ def main() -> None:
     corpus = load_corpus(args.corpus, records, "bench")
     contexts = build_cell_contexts(settings, chosen, cells, Embedder(), corpus)
     precision = choose_precision(args.precision, "cpu")
-    model, tokenizer = load_model(ModelSpec("bench", args.model, []), precision, "cpu")
+    model, tokenizer = load_model(PolicySpec("bench", args.model, []), precision, "cpu")
     plain_model = load_causal_lm(resolve_model(args.model), dtype=torch.float32).eval()
     texts = [render_prompt(tokenizer, "qa", prompt_text("qa", r["question"], contexts[c.key][i]))
              for c in cells for i, r in enumerate(chosen)]

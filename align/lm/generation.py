@@ -132,3 +132,38 @@ def _left_padded(sequences: list[list[int]], pad: int, device):
     input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=device)
     attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
     return input_ids, attention
+
+
+def response_logprobs(model, tokenizer, texts: Sequence[str], responses: Sequence[str], ended: Sequence[bool],
+                      batch_size: int = 8) -> list[float]:
+    """log p(response | text) under `model`: the sum over the response's tokens (re-tokenized from its text, with
+    the end-of-sequence token when `ended`), in fp32.
+
+    Sequences are left-padded with position ids counted from each sequence's first real token, as `generate`
+    counts them, and only the response positions go through the output layer (`logits_to_keep`).
+    """
+    import torch
+
+    end = model.generation_config.eos_token_id
+    end = (end[0] if isinstance(end, list) else end) if end is not None else tokenizer.eos_token_id
+    prompt_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    response_ids = [ids + ([end] if stop and end is not None else []) for ids, stop in
+                    zip(tokenizer(list(responses), add_special_tokens=False)["input_ids"], ended, strict=True)]
+    totals: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts, answers = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
+        input_ids, attention = _left_padded([p + a for p, a in zip(prompts, answers, strict=True)],
+                                            tokenizer.pad_token_id, model.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        keep = max(map(len, answers)) + 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                           logits_to_keep=keep).logits[:, :-1].float()  # column c predicts the token after it
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for row, ids in enumerate(answers):
+            if not ids:
+                totals.append(0.0)
+                continue
+            columns = torch.arange(keep - 1 - len(ids), keep - 1, device=model.device)
+            totals.append(float(log_probs[row, columns, torch.tensor(ids, device=model.device)].sum()))
+    return totals

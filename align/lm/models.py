@@ -248,15 +248,15 @@ def load_causal_lm(model_path: str, dtype=None, adapter: str | None = None, stag
 
 
 def load_for_inference(model_path: str, precision, adapters: Sequence[str] = (), device: str = "cpu",
-                       stage: str = "model"):
+                       stage: str = "model", merge=None):
     """A frozen causal LM that only generates or scores: loaded in fp32, each adapter in `adapters` merged in
-    turn (in fp32, so merging loses nothing), then cast to `precision`'s dtype (an `align.lm.precision.Precision`),
-    on `device`, in eval mode."""
+    turn (in fp32, so merging loses nothing; `merge(model, adapter, stage)` defaults to `merge_adapter`), then
+    cast to `precision`'s dtype (an `align.lm.precision.Precision`), on `device`, in eval mode."""
     import torch
 
     model = load_causal_lm(model_path, dtype=torch.float32, stage=stage)
     for adapter in adapters:
-        model = merge_adapter(model, adapter, stage=stage)
+        model = (merge or merge_adapter)(model, adapter, stage=stage)
     return model.to(device=device, dtype=precision.dtype).eval()
 
 
