@@ -52,6 +52,7 @@ from align.lm.models import (
 from align.lm.precision import PRECISION_HELP, precision_problems, stage_precision
 from align.lm.training import latest_checkpoint, truncate_history
 from align.preferences.prompts import prompt_records
+from align.rlhf.judges import HeldOutEvaluation, judge_backbone, load_judge, parse_judges
 from align.rlhf.ppo_trainer import (
     PPOSettings,
     PPOTrainer,
@@ -111,6 +112,16 @@ class PPOArguments(RunArguments):
                              "responses to them with the reward model before the first and after the last "
                              "iteration (0: off)."}
     )
+    eval_steps: int = field(
+        default=0, metadata={"help": "Also evaluate on the held-out prompts every N iterations (0: only before and "
+                             "after): logs/eval.jsonl and TensorBoard `eval/`, and the policy adapter of each such "
+                             "step kept in eval_adapters/step-N/ for `align evaluate`."}
+    )
+    eval_judges: list[str] = field(
+        default_factory=list, metadata={"help": "NAME=<align reward output>: judges that also score the held-out "
+                                        "responses at each evaluation, beside the reward model PPO optimises — the "
+                                        "over-optimisation curve (proxy rises, a gold judge turns down), live."}
+    )
     push_to_hub: bool = field(
         default=False, metadata={"help": "When the stage has finished, push its adapter, model card and manifest to "
                                  "--hub_model_id (token and hub checked before training)."}
@@ -126,7 +137,7 @@ CONFIG_CLASSES = (PPOArguments, PPOSettings)
 # Checked by `parse_config` with the shared rules of `align.core.options`, before any work.
 OPTION_RULES = {
     "total_steps": AT_LEAST_ONE, "rollout_batch_size": AT_LEAST_ONE, "save_steps": AT_LEAST_ONE,
-    "sample_steps": AT_LEAST_ONE, "eval_prompts": NON_NEGATIVE, "ppo_epochs": AT_LEAST_ONE,
+    "sample_steps": AT_LEAST_ONE, "eval_prompts": NON_NEGATIVE, "eval_steps": NON_NEGATIVE, "ppo_epochs": AT_LEAST_ONE,
     "mini_batch_size": AT_LEAST_ONE, "gamma": Range(0, 1), "lam": Range(0, 1), "clip_range": POSITIVE,
     "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE,
     "init_kl_coef": NON_NEGATIVE, "target_kl": POSITIVE, "kl_horizon": AT_LEAST_ONE, "max_kl": POSITIVE,
@@ -165,6 +176,8 @@ def option_problems(args: PPOArguments, settings: PPOSettings) -> list[str]:
     problems = precision_problems(args.precision)
     if settings.ptx_coef > 0 and not args.ptx_dataset:
         problems.append("--ptx_coef > 0 needs --ptx_dataset (the text whose language-modelling loss is mixed in)")
+    if (args.eval_steps or args.eval_judges) and not args.eval_prompts:
+        problems.append("--eval_steps and --eval_judges evaluate on held-out prompts: set --eval_prompts N too")
     return problems
 
 
@@ -178,6 +191,9 @@ def check_inputs(args: PPOArguments) -> None:
                          "model, so it needs an `align reward --backbone lm` output")
     if args.sft_adapter:
         require_adapter(args.sft_adapter, STAGE)
+    for name, path in parse_judges(args.eval_judges, STAGE) if args.eval_judges else []:
+        if judge_backbone(path) is None:
+            raise StageError(STAGE, f"--eval_judges {name}: {path} is not a finished `align reward` output")
 
 
 def ptx_sequences(args: PPOArguments, tokenizer) -> list[list[int]]:
@@ -265,17 +281,29 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info("resuming from %s (step %d)", resume_from.name, trainer.step_count)
     else:
         logger.info("PPO on %d prompts -> %s", len(prompts), output.output_dir)
+    evaluation = None
+    if is_main and (args.eval_steps or args.eval_judges):
+        judges = [load_judge(name, path, trainer.precision, trainer.device.type, args.rollout_batch_size, STAGE)
+                  for name, path in (parse_judges(args.eval_judges, STAGE) if args.eval_judges else [])]
+        evaluation = HeldOutEvaluation(held_out, judges, partial / "logs" / "eval.jsonl", partial / "eval_adapters",
+                                       args.rollout_batch_size)
     if is_main:  # what was logged after the checkpoint (or by an attempt without one) is logged again
-        for path in (metrics_path, samples_path):
+        for path in (metrics_path, samples_path, partial / "logs" / "eval.jsonl"):
             truncate_history(path, trainer.step_count)
+    if evaluation is not None and 0 not in evaluation.logged_steps():
+        evaluation(trainer, 0)
     before = (held_out_reward(trainer, held_out, partial / "logs" / "eval_before.json", args.rollout_batch_size)
-              if is_main else None)
-    sampled = run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path, resume_from)
+              if is_main and evaluation is None else None)
+    sampled = run_loop(trainer, args, prompts, checkpoints, metrics_path, samples_path, resume_from, evaluation)
     logger.info("rank %d/%d sampled %d prompts in this run", accelerator.process_index, world, sampled)
     accelerator.wait_for_everyone()
     if not is_main:
         return output.output_dir
-    after = held_out_reward(trainer, held_out, None, args.rollout_batch_size)
+    if evaluation is not None:  # the first and last evaluations
+        records = [json.loads(line) for line in evaluation.log.read_text().splitlines()]
+        before, after = records[0]["proxy"], records[-1]["proxy"]
+    else:
+        after = held_out_reward(trainer, held_out, None, args.rollout_batch_size)
 
     adapter = partial / "adapter"
     trainer.policy.save_pretrained(str(adapter))
@@ -284,13 +312,16 @@ def main(argv: list[str] | None = None) -> Path:
               **({"sft_adapter": args.sft_adapter} if args.sft_adapter else {})}
     manifest = base_manifest(STAGE, config, inputs, {"name_or_path": args.model_name_or_path, "resolved": model_path},
                              started)
-    manifest["outputs"] = {"adapter": "adapter", "logs": "logs"}
+    manifest["outputs"] = {"adapter": "adapter", "logs": "logs",
+                           **({"eval_adapters": "eval_adapters"} if (partial / "eval_adapters").exists() else {})}
     manifest["depends_on"] = {"reward_model": args.reward_model,
                               **({"sft_adapter": args.sft_adapter} if args.sft_adapter else {})}
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     manifest["metrics"] = summarize(history)
     if held_out:
         manifest["metrics"].update(eval_prompts=len(held_out), eval_reward_before=before, eval_reward_after=after)
+        if evaluation is not None:
+            manifest["metrics"]["eval_judges"] = {"before": records[0]["judges"], "after": records[-1]["judges"]}
         logger.info("reward of greedy responses to %d held-out prompts: %.3f (SFT policy) -> %.3f (after PPO)",
                     len(held_out), before, after)
     manifest["resumed_from"] = resume_from.name if resume_from else None
@@ -306,8 +337,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints: Path, metrics_path: Path,
-             samples_path: Path, last_good: Path | None = None) -> int:
-    """Iterations from the trainer's current step to total_steps: log, sample, checkpoint, guard.
+             samples_path: Path, last_good: Path | None = None, evaluation: HeldOutEvaluation | None = None) -> int:
+    """Iterations from the trainer's current step to total_steps: log, sample, evaluate, checkpoint, guard.
     Returns how many prompts this rank sampled."""
     rank, is_main = process_rank(trainer)
     world = trainer.accelerator.num_processes if trainer.accelerator is not None else 1
@@ -337,6 +368,8 @@ def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints
                 for prompt, response, score in list(zip(batch, rollout.responses, rollout.scores.tolist(),
                                                         strict=True))[:2]:
                     append_jsonl(samples_path, {"step": step, "prompt": prompt, "response": response, "score": score})
+            if evaluation is not None and (step == args.total_steps or args.eval_steps and step % args.eval_steps == 0):
+                evaluation(trainer, step, stats["kl"], writer)  # before the checkpoint: a kill here redoes it
             if step % args.save_steps == 0 or step == args.total_steps:
                 last_good = save_checkpoint(checkpoints, trainer)
             progress.update(1)

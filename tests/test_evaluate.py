@@ -17,7 +17,8 @@ from tests.conftest import DEMONSTRATIONS, ROOT, kill_after_journal_line, run_al
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
-    """A tiny LM reward model (the proxy), a PPO run against it with its checkpoints, and an embedding judge."""
+    """A tiny LM reward model (the proxy), an embedding judge, and a PPO run against the proxy that keeps its
+    checkpoints and evaluates with both judges every 2 iterations."""
     from datasets import Dataset, DatasetDict
 
     from tests.test_reward import TINY, identifiable_comparisons
@@ -27,12 +28,13 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     steps = [
         ("reward", *TINY, "--dataset_name", tmp / "cmp", "--output_dir", tmp / "rm", "--max_steps", "2",
          "--per_device_train_batch_size", "2", "--eval_fraction", "0", "--max_length", "128"),
+        ("reward", "--backbone", "embedding", "--dataset_name", tmp / "cmp", "--output_dir", tmp / "emb",
+         "--eval_fraction", "0", "--judge_epochs", "50"),
         ("ppo", "--model_name_or_path", "tiny-llama", "--reward_model", tmp / "rm", "--dataset_name", DEMONSTRATIONS,
          "--output_dir", tmp / "ppo", "--total_steps", "4", "--rollout_batch_size", "4", "--mini_batch_size", "2",
          "--ppo_epochs", "1", "--max_new_tokens", "8", "--save_steps", "2", "--lora_r", "4", "--lora_alpha", "8",
-         "--learning_rate", "1e-2", "--keep_checkpoints", "true"),
-        ("reward", "--backbone", "embedding", "--dataset_name", tmp / "cmp", "--output_dir", tmp / "emb",
-         "--eval_fraction", "0", "--judge_epochs", "50"),
+         "--learning_rate", "1e-2", "--keep_checkpoints", "true", "--eval_prompts", "4", "--eval_steps", "2",
+         "--eval_judges", f"gold={tmp / 'emb'}"),
     ]
     for args in steps:
         result = run_align(*args)
@@ -122,6 +124,30 @@ def test_ppo_checkpoint_loads_as_the_policy_it_was(trained):
     assert not torch.allclose(final, base, atol=1e-4)  # PPO changed the policy
 
 
+def test_ppo_logs_every_judge_and_keeps_the_evaluated_policies(trained):
+    from align.lm.models import resolve_model
+    from align.lm.policies import adapter_chain, load_policy
+    from align.lm.precision import choose_precision
+    from align.rlhf.judges import optimised_against
+
+    ppo = trained["ppo"]
+    records = [json.loads(line) for line in (ppo / "logs" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert all(isinstance(r["proxy"], float) and isinstance(r["judges"]["gold"], float) for r in records)
+    assert records[0]["kl"] is None and all(isinstance(r["kl"], float) for r in records[1:])
+    metrics = read_manifest(ppo)["metrics"]
+    assert metrics["eval_reward_before"] == records[0]["proxy"] and metrics["eval_reward_after"] == records[-1]["proxy"]
+    assert metrics["eval_judges"] == {"before": records[0]["judges"], "after": records[-1]["judges"]}
+    assert sorted(p.name for p in (ppo / "eval_adapters").iterdir()) == ["step-2", "step-4"]
+    assert list((ppo / "logs" / "tensorboard").iterdir())
+    # an evaluated step is a policy for `align evaluate`: the run's reward model is known, and step 4 is the end
+    step = str(ppo / "eval_adapters" / "step-4")
+    assert adapter_chain([step]) == [step] and optimised_against([step]) == [str(trained["rm"])]
+    fp32, path, ids = choose_precision("fp32"), resolve_model("tiny-llama"), torch.tensor([[5, 17, 42, 99, 3]])
+    assert torch.allclose(load_policy(path, [step], fp32)(ids).logits, load_policy(path, [str(ppo)], fp32)(ids).logits,
+                          atol=1e-5)
+
+
 def test_response_logprobs_are_those_of_each_sequence_alone(tiny_model_path, one_thread):
     """Left padding and position ids: in a batch, each response's log-probability is what the model gives the
     sequence on its own."""
@@ -185,3 +211,16 @@ def test_bad_inputs_are_one_line_and_leave_nothing(trained, tmp_path, change, me
     assert lines[-1].startswith("error: evaluate: ") and message.format(ppo=trained["ppo"]) in lines[-1]
     assert "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / "eval.partial").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eval_judges", "gold={emb}"], "set --eval_prompts N too"),
+    (["--eval_prompts", "2", "--eval_judges", "gold={ppo}"], "--eval_judges gold: {ppo} is not a finished"),
+])
+def test_ppo_eval_judges_bad_inputs_are_one_line(trained, tmp_path, extra, message):
+    args = ["ppo", "--model_name_or_path", "tiny-llama", "--reward_model", trained["rm"], "--dataset_name",
+            DEMONSTRATIONS, "--output_dir", tmp_path / "out", *[e.format(**trained) for e in extra]]
+    result = run_align(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message.format(**trained) in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -1,6 +1,7 @@
 """Policies named on a command line — `NAME=MODEL[+ADAPTER...]` — and how they are loaded for inference.
 
-An adapter is a training stage's output (its `adapter/`), an adapter directory, or a PPO checkpoint
+An adapter is a training stage's output (its `adapter/`), an adapter directory, a PPO run's policy at an
+evaluation step (`<ppo output>/eval_adapters/step-N`, see `align ppo --eval_steps`) or a PPO checkpoint
 (`<ppo output>/checkpoints/checkpoint-N`, kept with `--keep_checkpoints`, or one in a run still in
 `.partial`). Adapters are merged in order; a PPO output or checkpoint brings in the SFT adapter its run
 started from, so `ppo=smollm2-135m-instruct+runs/ppo` is the PPO policy as it was trained. Shared by
@@ -63,7 +64,10 @@ def checkpoint_run_config(checkpoint: str | os.PathLike) -> dict:
 
 def stage_manifest(adapter: str) -> dict:
     """The manifest of the stage output an adapter belongs to ({} when there is none)."""
-    stage_dir = adapter_dir(adapter).parent if adapter_dir(adapter).name == "adapter" else Path(adapter)
+    path = adapter_dir(adapter)
+    # <stage>/adapter, or a PPO run's <ppo>/eval_adapters/step-N (the policy at an evaluation step)
+    stage_dir = path.parent if path.name == "adapter" else path.parent.parent if path.parent.name == "eval_adapters" \
+        else Path(adapter)
     try:
         return json.loads((stage_dir / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -93,3 +93,41 @@ def optimised_against(adapters: Sequence[str]) -> list[str]:
 
 def same_path(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+class HeldOutEvaluation:
+    """PPO's periodic held-out evaluation: the policy's greedy responses to the held-out prompts, scored by the
+    reward model it optimises (`proxy`) and by every other judge, appended to `log` (one JSON line per step)
+    and TensorBoard, and the policy's adapter kept in `adapters/step-N/` so `align evaluate` can score it later.
+    The proxy rising while a judge it never saw turns down is over-optimisation, visible during training."""
+
+    def __init__(self, prompts: list, judges: Sequence[Judge], log: Path, adapters: Path, batch_size: int = 8):
+        self.prompts, self.judges, self.log, self.adapters = prompts, list(judges), log, adapters
+        self.batch_size = batch_size
+
+    def logged_steps(self) -> set[int]:
+        if not self.log.exists():
+            return set()
+        return {json.loads(line)["step"] for line in self.log.read_text().splitlines() if line.strip()}
+
+    def __call__(self, trainer, step: int, kl: float | None = None, writer=None) -> dict:
+        from align.core.outputs import append_jsonl
+
+        responses = trainer.greedy_responses(self.prompts, self.batch_size)
+        record = {"step": step, "proxy": _mean_of(trainer.evaluate(self.prompts, self.batch_size, responses)),
+                  "judges": {judge.name: _mean_of(judge.score(self.prompts, responses)) for judge in self.judges},
+                  "kl": kl, "words": _mean_of([float(len(r.split())) for r in responses])}
+        if step > 0:
+            trainer.policy.save_pretrained(str(self.adapters / f"step-{step}"))
+        append_jsonl(self.log, record)
+        if writer is not None:
+            scalars = {"proxy": record["proxy"], "kl": kl, "words": record["words"],
+                       **{f"judge/{name}": value for name, value in record["judges"].items()}}
+            for key, value in scalars.items():
+                if value is not None:
+                    writer.add_scalar(f"eval/{key}", value, step)
+        return record
+
+
+def _mean_of(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None

@@ -246,18 +246,27 @@ class PPOTrainer:
                        rewards, kl, advantages, returns, texts, truncated)
 
     @torch.no_grad()
-    def evaluate(self, prompts: Sequence[str | list[dict]], batch_size: int) -> list[float]:
-        """Reward-model scores of the policy's greedy responses to `prompts`, as the policy is now (before the
-        first update: the SFT model, since a new LoRA is the identity)."""
+    def greedy_responses(self, prompts: Sequence[str | list[dict]], batch_size: int) -> list[str]:
+        """The policy's greedy responses to `prompts`, as it is now (before the first update: the SFT model, since a
+        new LoRA is the identity)."""
         greedy = GenerationSettings(temperature=0, max_new_tokens=self.settings.max_new_tokens)
         self.policy.eval()
-        scores: list[float] = []
+        texts: list[str] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             with self.autocast():
-                texts = [g[0].text for g in generate(self.policy, self.tokenizer, [self.render(p) for p in chunk],
-                                                     greedy)]
-            scores += self._score(chunk, texts).tolist()
+                texts += [g[0].text for g in generate(self.policy, self.tokenizer, [self.render(p) for p in chunk],
+                                                      greedy)]
+        return texts
+
+    def evaluate(self, prompts: Sequence[str | list[dict]], batch_size: int,
+                 responses: Sequence[str] | None = None) -> list[float]:
+        """Reward-model scores of the policy's greedy responses to `prompts` (or of `responses` to them)."""
+        responses = list(responses) if responses is not None else self.greedy_responses(prompts, batch_size)
+        scores: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            scores += self._score(list(prompts[start:start + batch_size]),
+                                  responses[start:start + batch_size]).tolist()
         return scores
 
     def sample(self, batch) -> torch.Tensor:
