@@ -93,8 +93,8 @@ class EvaluateArguments(OutputArguments):
 
 
 CONFIG_CLASSES = (EvaluateArguments,)
-OPTION_RULES = {"max_prompts": AT_LEAST_ONE, "num_samples": NON_NEGATIVE, "best_of_n": NON_NEGATIVE,
-                "batch_size": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE}
+# Checked by `parse_config` beside the shared rules (temperature > 0, top_p in (0, 1], ...), before any work.
+OPTION_RULES = {"max_prompts": AT_LEAST_ONE, "num_samples": NON_NEGATIVE, "best_of_n": NON_NEGATIVE}
 
 
 def option_problems(args: EvaluateArguments) -> list[str]:
@@ -102,8 +102,6 @@ def option_problems(args: EvaluateArguments) -> list[str]:
     if not args.judges:
         problems.append("no judges — pass --judges NAME=<align reward output> (at least one; add one the policies "
                         "were not optimised against)")
-    if (args.num_samples or args.best_of_n) and args.temperature <= 0:
-        problems.append("--temperature must be > 0 to sample (or set --num_samples 0 --best_of_n 0)")
     return problems
 
 

@@ -21,7 +21,8 @@ TINY = {stage: ["--config", str(ROOT / "configs" / "tiny" / f"{stage}.yaml")]
         for stage in ("sft", "reward", "ppo", "self-instruct", "comparisons")}
 RAG_SET = ["--records", str(ROOT / "data" / "rag" / "questions.jsonl")]
 MODULES = {"sft": "align.sft", "reward": "align.reward", "ppo": "align.ppo", "self-instruct": "align.self_instruct",
-           "comparisons": "align.comparisons", "rag eval": "rag.evaluate", "pipeline": "align.pipeline"}
+           "comparisons": "align.comparisons", "rag eval": "rag.evaluate", "pipeline": "align.pipeline",
+           "evaluate": "align.evaluate"}
 
 
 def user(text: str) -> dict:
@@ -118,6 +119,11 @@ CASES = [
     ("rag eval", ["--records", "{two_golds}"], 1, "2 gold passages"),
     ("rag eval", ["--records", "{string_gold}"], 1, "`isgold` must be true or false"),
     ("pipeline", ["--config", "{pipeline}"], 2, "stage 'sft': --learning_rate must be > 0"),
+    ("evaluate", ["--policies", "a=tiny-llama"], 1, "no judges — pass --judges NAME=<align reward output>"),
+    ("evaluate", ["--policies", "a=tiny-llama", "--judges", "j={reward}", "--max_prompts", "0", "--temperature", "0"],
+     2, "--max_prompts must be >= 1"),
+    ("evaluate", ["--policies", "a=tiny-llama", "a=tiny-llama", "--judges", "j={reward}"], 1, "unique names"),
+    ("evaluate", ["--policies", "a=tiny-llama", "--judges", "j={reward}"], 1, "not a finished `align reward` output"),
 ]
 
 

@@ -204,7 +204,7 @@ def plot(summary: dict, directory: Path) -> list[Path]:
                               if score["interval"] else None, fmt="s", capsize=3,
                               color=plt.get_cmap("tab10")(index % 10), label=name)
         axis.set_title(f"{judge} ({'proxy' if result['proxy'] else 'gold'})")
-        axis.set_xlabel("√KL to the reference (nats)")
+        axis.set_xlabel("√KL to the reference (KL in nats per response)")
         axis.set_ylabel("mean score of sampled responses (reward std)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
