@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import math
 import random
@@ -39,7 +40,14 @@ from align.core.command import StageError, now_iso, parse_config, run_stage
 from align.core.inputs import load_stage_dataset
 from align.core.journal import JournalWriter, replay
 from align.core.options import AT_LEAST_ONE, NON_NEGATIVE
-from align.core.outputs import OutputArguments, StageOutput, base_manifest, save_dataset_atomic, write_json_atomic
+from align.core.outputs import (
+    OutputArguments,
+    StageOutput,
+    base_manifest,
+    run_identity,
+    save_dataset_atomic,
+    write_json_atomic,
+)
 from align.lm.generation import GenerationSettings, generate, render_prompt, response_logprobs
 from align.lm.models import DEFAULT_MODEL, load_tokenizer, pick_device, resolve_model
 from align.lm.policies import PolicySpec, adapter_chain, load_policy, parse_policies, policy_problems
@@ -57,7 +65,8 @@ class EvaluateArguments(OutputArguments):
     dataset_name: str = field(
         default="runs/self_instruct",
         metadata={"help": "Held-out prompts: a dataset with a `prompt` column (text or chat) or `messages` chats (the "
-                  "turns before the last reply): a stage output, save_to_disk directory, JSON/JSONL/CSV file."},
+                  "turns before the last reply) — a stage output, save_to_disk directory, JSON/JSONL/CSV file — or a "
+                  "PPO output: the prompts it held out of training (its --eval_prompts)."},
     )
     dataset_split: str | None = field(default="test", metadata={"help": "Split of the prompts (None: every split)."})
     max_prompts: int = field(default=64, metadata={"help": "Evaluate on at most this many prompts (a seeded choice)."})
@@ -137,12 +146,27 @@ def find_proxy(args: EvaluateArguments, specs: list[PolicySpec], judges: list[tu
     return None, "no policy here was optimised against a reward model"
 
 
+def prompt_source(args: EvaluateArguments) -> tuple[str, str | None]:
+    """(dataset, split) to read: a PPO output stands for the prompts it held out of training."""
+    source = Path(args.dataset_name).expanduser()
+    try:
+        stage = json.loads((source / "manifest.json").read_text()).get("stage")
+    except (OSError, json.JSONDecodeError):
+        return args.dataset_name, args.dataset_split
+    if stage != "ppo":
+        return args.dataset_name, args.dataset_split
+    if not (source / "eval_prompts.jsonl").is_file():
+        raise StageError(STAGE, f"{source} held no prompts out of training (run with --eval_prompts 0) — pass a "
+                         "dataset of held-out prompts")
+    return str(source / "eval_prompts.jsonl"), "train"
+
+
 def choose_prompts(args: EvaluateArguments) -> list:
-    data = load_stage_dataset(args.dataset_name, STAGE)
-    if args.dataset_split and args.dataset_split not in data:
-        raise StageError(STAGE, f"{args.dataset_name} has no split '{args.dataset_split}' (splits: "
-                         f"{', '.join(data)}) — pass --dataset_split")
-    records = prompt_records(data, args.dataset_split, "output", need_reference=False, stage=STAGE)
+    dataset, split = prompt_source(args)
+    data = load_stage_dataset(dataset, STAGE)
+    if split and split not in data:
+        raise StageError(STAGE, f"{dataset} has no split '{split}' (splits: {', '.join(data)}) — pass --dataset_split")
+    records = prompt_records(data, split, "output", need_reference=False, stage=STAGE)
     if not records:
         raise StageError(STAGE, f"{args.dataset_name} holds no prompts — pass a dataset of held-out prompts")
     chosen = sorted(random.Random(args.seed).sample(range(len(records)), min(args.max_prompts, len(records))))
@@ -347,11 +371,15 @@ def finite(value):
     return value
 
 
+def run_config(args: EvaluateArguments) -> dict:
+    """What the manifest records and a resumed run (or the pipeline's skip check) must match."""
+    return run_identity({"evaluate": dataclasses.asdict(args)})
+
+
 def main(argv: list[str] | None = None) -> Path:
     (args,) = parse_config(STAGE, CONFIG_CLASSES, argv)
     started = now_iso()
-    config = {"evaluate": {k: v for k, v in dataclasses.asdict(args).items()
-                           if k not in ("overwrite_output_dir", "restart")}}
+    config = run_config(args)
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
                          restart=args.restart)
     output.check()

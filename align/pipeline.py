@@ -1,8 +1,8 @@
 """`align pipeline`: the whole recipe from one YAML, re-running only the stages that are out of date.
 
-Runs self-instruct -> sft -> comparisons -> reward -> ppo -> rag-eval (any subset, always in this order),
-each stage in its own process with the command line it prints, each reading the previous stage's output
-directory. A stage is skipped when its finished output's manifest records the same config and its inputs
+Runs self-instruct -> sft -> comparisons -> reward -> judge -> ppo -> evaluate -> rag-eval (any subset, always
+in this order), each stage in its own process with the command line it prints, each reading the previous
+stage's output directory. A stage is skipped when its finished output's manifest records the same config and its inputs
 still have the fingerprints recorded there; `--from STAGE` re-runs that stage and everything after it,
 `--only STAGE` just that one. Interrupted? Run the same command again: finished stages are skipped and
 the interrupted one resumes from its `.partial` directory.
@@ -25,8 +25,11 @@ The YAML:
 
 Inputs are wired from the stages present: sft and ppo read self-instruct's dataset, comparisons
 (`source: sample`) samples from the SFT adapter on self-instruct's prompts, reward reads comparisons (on
-top of the SFT model, as InstructGPT does), ppo starts from the SFT adapter with the reward model, and
-rag-eval compares base, base+SFT and base+PPO. An option set in a stage's section wins over wiring.
+top of the SFT model, as InstructGPT does), judge (an `align reward` of another family, e.g.
+`configs/reward_embedding.yaml`) reads the same comparisons, ppo starts from the SFT adapter with the reward
+model, evaluate scores base, base+SFT and base+PPO on the prompts PPO held out with the reward model (the
+proxy) and the judge (gold), and rag-eval compares base, base+SFT and base+PPO. An option set in a stage's
+section wins over wiring.
 A stage name that does not exist, or an input that reads a later stage, the wrong kind of stage or a path
 that nothing produces, is an error before anything runs.
 """
@@ -76,14 +79,23 @@ STAGES: dict[str, StageSpec] = {
                              {"input_path": ("self-instruct",), "adapter": ("sft",)}, ("adapter",)),
     "reward": StageSpec(("align.cli", "reward"), "reward", "align.reward", "align.lm.training:run_config",
                         {"dataset_name": ("comparisons",), "sft_adapter": ("sft",)}, ("sft_adapter",)),
+    # A judge of another family (`align reward --backbone embedding`): PPO never optimises it.
+    "judge": StageSpec(("align.cli", "reward"), "reward", "align.reward", "align.lm.training:run_config",
+                       {"dataset_name": ("comparisons",)}),
     "ppo": StageSpec(("align.cli", "ppo"), "ppo", "align.ppo", "align.ppo:run_config",
                      {"dataset_name": ("self-instruct",), "sft_adapter": ("sft",), "reward_model": ("reward",)},
                      ("sft_adapter", "reward_model")),
+    "evaluate": StageSpec(("align.cli", "evaluate"), "evaluate", "align.evaluate", "align.evaluate:run_config",
+                          {"dataset_name": ("ppo",)}, ("dataset_name",)),
     "rag-eval": StageSpec(("rag.cli", "eval"), "rag eval", "rag.evaluate", "rag.evaluate:run_config"),
 }
 ORDER = list(STAGES)
-# Which stages' adapters `rag-eval` compares with the base model, under which name.
+# Which stages' adapters `rag-eval` and `evaluate` compare with the base model, under which name.
 RAG_MODELS = {"sft": "sft", "ppo": "ppo"}
+# The judges `evaluate` scores with: the reward model PPO optimised (the proxy) and the other-family judge.
+JUDGES = {"reward": "proxy", "judge": "gold"}
+# Stages that take no `model_name_or_path` (they name their models in entries).
+NO_MODEL = {"rag-eval", "evaluate"}
 TOP_LEVEL_KEYS = {"output_dir", "model_name_or_path", "stages"}
 
 
@@ -182,7 +194,7 @@ def plan(config_path: str | Path, output_dir: str | None = None) -> list[Planned
             base = str(base)
             _read_yaml(Path(base), f"stage '{name}' config")
         explicit = set(options)
-        if model is not None and name != "rag-eval" and "model_name_or_path" not in explicit:
+        if model is not None and name not in NO_MODEL and "model_name_or_path" not in explicit:
             options["model_name_or_path"] = model
         options["output_dir"] = str(outputs[name])
         stage = PlannedStage(name, STAGES[name], options, base, outputs[name])
@@ -195,6 +207,10 @@ def plan(config_path: str | Path, output_dir: str | None = None) -> list[Planned
             stage.parsed = _parse(stage)
         planned.append(stage)
         _check_chain(stage, planned, outputs)
+        source = _producer(_option(stage, "dataset_name"), planned[:-1]) if name == "evaluate" else None
+        if source is not None and source.name == "ppo" and not _option(source, "eval_prompts"):
+            raise StageError(STAGE, "stage 'evaluate' reads the prompts stage 'ppo' holds out of training, but it "
+                             "holds out none — set eval_prompts in the ppo section")
     return planned
 
 
@@ -210,6 +226,16 @@ def _wire(stage: PlannedStage, explicit: set[str], planned: list[PlannedStage], 
         if base is not None:  # else the models of the stage's own config
             stage.options["models"] = [f"base={base}"] + [
                 f"{RAG_MODELS[p.name]}={base}+{p.output_dir}" for p in planned if p.name in RAG_MODELS]
+    if stage.name == "evaluate":  # base, SFT and PPO against SFT (when there), by the proxy and the gold judge
+        trained = next((p for p in planned if p.name in RAG_MODELS), None)
+        base = model or (trained.parsed[0].model_name_or_path if trained is not None else None)
+        if base is not None and "policies" not in explicit:
+            stage.options["policies"] = [f"base={base}"] + [
+                f"{RAG_MODELS[p.name]}={base}+{p.output_dir}" for p in planned if p.name in RAG_MODELS]
+        if "baseline" not in explicit and "sft" in by_name:
+            stage.options["baseline"] = "sft"
+        if "judges" not in explicit and any(p.name in JUDGES for p in planned):
+            stage.options["judges"] = [f"{JUDGES[p.name]}={p.output_dir}" for p in planned if p.name in JUDGES]
 
 
 def _parse(stage: PlannedStage) -> tuple:
@@ -232,9 +258,12 @@ def _reads(stage: PlannedStage) -> list[tuple[str, str, tuple[str, ...], bool]]:
     """(option, path, stages that may produce it, must be a finished stage directory) for every input."""
     reads = [(key, _option(stage, key), producers, key in stage.spec.directories)
              for key, producers in stage.spec.inputs.items() if _option(stage, key) is not None]
-    if stage.name == "rag-eval":
-        reads += [("models", adapter, tuple(RAG_MODELS), True) for entry in _option(stage, "models") or []
+    if stage.name in ("rag-eval", "evaluate"):
+        key = "models" if stage.name == "rag-eval" else "policies"
+        reads += [(key, adapter, tuple(RAG_MODELS), True) for entry in _option(stage, key) or []
                   for adapter in entry.partition("=")[2].split("+")[1:]]
+    if stage.name == "evaluate":
+        reads += [("judges", entry.partition("=")[2], tuple(JUDGES), True) for entry in _option(stage, "judges") or []]
     return reads
 
 
@@ -402,7 +431,7 @@ def _headline(stage: PlannedStage, m: dict) -> str:
         rows = m.get("rows", {})
         shown = ", ".join(f"{k} {v}" for k, v in rows.items()) if isinstance(rows, dict) else rows
         return f"ranked prompts: {shown} -> {out / 'dataset'}"
-    if stage.name == "reward":
+    if stage.name in ("reward", "judge"):
         return (f"held-out ranking accuracy {_num(m.get('eval_accuracy_before'))} (untrained) -> "
                 f"{_num(m.get('eval_accuracy'))}; adapter {out / 'adapter'}")
     if stage.name == "ppo":
@@ -413,6 +442,8 @@ def _headline(stage: PlannedStage, m: dict) -> str:
             reward = (f"reward of sampled responses {_num(m.get('score_first'))} (first iterations) -> "
                       f"{_num(m.get('score_last'))} (last)")
         return f"{reward}, KL {_num(m.get('kl_last'))}; adapter {out / 'adapter'}"
+    if stage.name == "evaluate":
+        return f"report {out / 'report.md'}" + "".join(f"\n      {line}" for line in m.get("headline", []))
     if stage.name == "rag-eval":
         parts = []
         for model, cells in m.items():

@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> Path:
     trainer, model_path = build_trainer(args, settings, accelerator)
     set_seed(settings.seed + accelerator.process_index)  # but different samples
     partial = output.open(is_main_process=is_main)
+    if is_main and held_out:  # the prompts no update saw: `align evaluate --dataset_name <output>/eval_prompts.jsonl`
+        (partial / "eval_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in held_out))
     accelerator.wait_for_everyone()
     checkpoints = partial / "checkpoints"
     resume_from = latest_checkpoint(checkpoints, remove_incomplete=is_main)
@@ -313,6 +315,7 @@ def main(argv: list[str] | None = None) -> Path:
     manifest = base_manifest(STAGE, config, inputs, {"name_or_path": args.model_name_or_path, "resolved": model_path},
                              started)
     manifest["outputs"] = {"adapter": "adapter", "logs": "logs",
+                           **({"eval_prompts": "eval_prompts.jsonl"} if held_out else {}),
                            **({"eval_adapters": "eval_adapters"} if (partial / "eval_adapters").exists() else {})}
     manifest["depends_on"] = {"reward_model": args.reward_model,
                               **({"sft_adapter": args.sft_adapter} if args.sft_adapter else {})}

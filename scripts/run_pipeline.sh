@@ -30,14 +30,24 @@ align comparisons --config configs/comparisons.yaml --source sample --source_lim
 align reward --config configs/reward.yaml --max_length 192 --model_name_or_path "$MODEL" \
   --dataset_name "$OUT/comparisons" --sft_adapter "$OUT/sft" --output_dir "$OUT/reward" "${REPLACE[@]}"
 
-# 5. PPO: the SFT policy against the reward model, KL-penalised to the SFT model, on the Self-Instruct prompts;
+# 5. A judge of another family (a head over frozen sentence embeddings) on the same rankings: PPO never sees it.
+align reward --config configs/reward_embedding.yaml --model_name_or_path "$MODEL" --dataset_name "$OUT/comparisons" \
+  --output_dir "$OUT/judge" "${REPLACE[@]}"
+
+# 6. PPO: the SFT policy against the reward model, KL-penalised to the SFT model, on the Self-Instruct prompts;
 #    the reward of greedy responses to 8 held-out prompts is measured before and after.
 align ppo --config configs/ppo.yaml --total_steps 8 --rollout_batch_size 4 --max_new_tokens 32 --eval_prompts 8 \
   --save_steps 4 --sample_steps 4 --model_name_or_path "$MODEL" --dataset_name "$OUT/self-instruct" --sft_adapter "$OUT/sft" \
   --reward_model "$OUT/reward" --output_dir "$OUT/ppo" "${REPLACE[@]}"
 
-# 6. RAG evaluation: base vs SFT vs PPO on the team's RAG set (closed-book, oracle, 3 documents gold first/last).
+# 7. The alignment report: base vs SFT vs PPO on the prompts PPO held out, by the reward model PPO optimised
+#    (the proxy) and by the judge (gold): win rates with intervals, length-controlled, KL, best-of-n.
+align evaluate --config configs/evaluate.yaml --num_samples 2 --best_of_n 4 --max_new_tokens 32 \
+  --dataset_name "$OUT/ppo" --policies "base=$MODEL" "sft=$MODEL+$OUT/sft" "ppo=$MODEL+$OUT/ppo" --baseline sft \
+  --judges "proxy=$OUT/reward" "gold=$OUT/judge" --output_dir "$OUT/evaluate" "${REPLACE[@]}"
+
+# 8. RAG evaluation: base vs SFT vs PPO on the team's RAG set (closed-book, oracle, 3 documents gold first/last).
 rag eval --config configs/rag/eval.yaml --num_questions 10 --num_documents 3 --gold_positions first last \
   --models "base=$MODEL" "sft=$MODEL+$OUT/sft" "ppo=$MODEL+$OUT/ppo" --output_dir "$OUT/rag-eval" "${REPLACE[@]}"
 
-echo "report: $OUT/rag-eval/report.md; adapters: $OUT/sft/adapter $OUT/ppo/adapter"
+echo "reports: $OUT/evaluate/report.md $OUT/rag-eval/report.md; adapters: $OUT/sft/adapter $OUT/ppo/adapter"

@@ -39,7 +39,8 @@ def test_config_parses(path: Path, tmp_path):
         from align.pipeline import plan
 
         planned = plan(path, output_dir=str(tmp_path))
-        assert [p.name for p in planned] == ["self-instruct", "sft", "comparisons", "reward", "ppo", "rag-eval"]
+        assert [p.name for p in planned] == ["self-instruct", "sft", "comparisons", "reward", "judge", "ppo",
+                                             "evaluate", "rag-eval"]
         assert "align pipeline --config" in text
         return
     if path.parent.name == "rag":  # rag/<command>[-variant].yaml

@@ -15,7 +15,7 @@ from align.core.outputs import read_manifest
 from tests.conftest import ROOT, run_align
 
 TINY_PIPELINE = ROOT / "configs" / "tiny" / "pipeline.yaml"
-STAGES = ["self-instruct", "sft", "comparisons", "reward", "ppo", "rag-eval"]
+STAGES = ["self-instruct", "sft", "comparisons", "reward", "judge", "ppo", "evaluate", "rag-eval"]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,18 @@ def test_every_stage_runs_on_the_previous_stages_output(finished):
     assert set(models) == {"base", "sft", "ppo"}
     assert models["sft"]["adapters"] == [str(out / "sft")]
     assert models["ppo"]["adapters"] == [str(out / "sft"), str(out / "ppo")]  # PPO is evaluated on its SFT model
+    assert manifests["judge"]["config"]["model"]["backbone"] == "embedding"
+    assert manifests["judge"]["inputs"]["dataset"]["path"] == str(out / "comparisons")
+    # the report: base, SFT and PPO on the prompts PPO held out, against SFT, by the proxy and the other judge
+    report = manifests["evaluate"]
+    assert report["inputs"]["dataset"]["path"] == str(out / "ppo")
+    assert report["base_model"]["ppo"]["adapters"] == [str(out / "sft"), str(out / "ppo")]
+    assert report["config"]["evaluate"]["judges"] == [f"proxy={out / 'reward'}", f"gold={out / 'judge'}"]
+    assert report["metrics"]["baseline"] == "sft" and report["metrics"]["proxy"] == "proxy"
+    assert report["metrics"]["prompts"] == 2  # the ppo section holds out 2
     assert "Outputs and headline numbers:" in result.stdout
     assert f"report {out / 'rag-eval' / 'report.md'}" in result.stdout
+    assert f"report {out / 'evaluate' / 'report.md'}\n      gold: " in result.stdout
     assert not list(out.glob("*.partial"))
 
 
@@ -78,8 +88,8 @@ def test_from_only_and_a_changed_option_plan_the_right_stages(finished, tmp_path
         return stage_lines(capsys.readouterr().out)
 
     lines = plan("--from", "ppo")
-    assert [s for s, line in lines.items() if " runs — " in line] == ["ppo", "rag-eval"]
-    assert all("up to date" in lines[s] for s in STAGES[:4])
+    assert [s for s, line in lines.items() if " runs — " in line] == ["ppo", "evaluate", "rag-eval"]
+    assert all("up to date" in lines[s] for s in STAGES[:5])
     assert list(plan("--only", "reward")) == ["reward"]
 
     changed = yaml.safe_load(TINY_PIPELINE.read_text())
@@ -89,7 +99,8 @@ def test_from_only_and_a_changed_option_plan_the_right_stages(finished, tmp_path
     lines = plan(config=config)
     assert "config changed (data.total_steps)" in lines["ppo"], lines["ppo"]
     assert "its input from 'ppo' is made again" in lines["rag-eval"]
-    assert all("up to date" in lines[s] for s in STAGES[:4])
+    assert "its input from 'ppo' is made again" in lines["evaluate"]
+    assert all("up to date" in lines[s] for s in STAGES[:5])
 
 
 def test_a_changed_input_file_reruns_the_stage(tmp_path, capsys):
@@ -123,8 +134,8 @@ TINY = {name: {"config": f"configs/tiny/{name}.yaml"} for name in ("self-instruc
 
 
 @pytest.mark.parametrize("stages, top, message", [
-    ({"sft": {}, "dpo": {}}, {}, "unknown stage 'dpo' — choose from self-instruct, sft, comparisons, reward, ppo, "
-                                 "rag-eval"),
+    ({"sft": {}, "dpo": {}}, {}, "unknown stage 'dpo' — choose from self-instruct, sft, comparisons, reward, judge, "
+                                 "ppo, evaluate, rag-eval"),
     ({"sft": {"learning_rat": 0.1}}, {}, "stage 'sft': unknown option(s): --learning_rat"),
     ({"sft": {}}, {"epochs": 2}, "unknown key(s) epochs"),
     ({**TINY, "reward": {"config": "configs/tiny/reward.yaml", "dataset_name": "{out}/self-instruct"}}, {},
@@ -136,8 +147,10 @@ TINY = {name: {"config": f"configs/tiny/{name}.yaml"} for name in ("self-instruc
      "does not exist and no earlier stage in the pipeline writes it"),
     ({"ppo": {"config": "configs/tiny/ppo.yaml", "reward_model": "data"}}, {},
      "reward_model=data is not a finished stage output (no manifest.json)"),
+    ({**TINY, "ppo": {"config": "configs/tiny/ppo.yaml"}, "evaluate": {"config": "configs/tiny/evaluate.yaml"}}, {},
+     "stage 'evaluate' reads the prompts stage 'ppo' holds out of training, but it holds out none"),
 ], ids=["unknown-stage", "unknown-option", "unknown-top-level-key", "wrong-producer", "later-stage", "missing-input",
-        "not-a-stage-output"])
+        "not-a-stage-output", "evaluate-without-held-out-prompts"])
 def test_configs_that_cannot_run_fail_before_any_work(tmp_path, capsys, stages, top, message):
     out = tmp_path / "out"
     stages = json.loads(json.dumps(stages).replace("{out}", str(out)).replace("{tmp}", str(tmp_path)))
@@ -174,7 +187,7 @@ def test_run_pipeline_script_is_the_quickstart_chain(tmp_path):
             continue
         words = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), line))
         words = [w for w in words if not w.startswith("${REPLACE")]  # --overwrite_output_dir: not the run's config
-        name = "rag-eval" if words[0] == "rag" else words[1]
+        name = Path(words[words.index("--output_dir") + 1]).name  # the stage's own directory
         commands[name] = words[2:]
     planned = pipeline.plan(ROOT / "configs" / "quickstart.yaml", output_dir=out)
     assert list(commands) == [p.name for p in planned]
