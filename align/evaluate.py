@@ -239,7 +239,9 @@ def generate_all(plan: Plan, args: EvaluateArguments, done: dict, journal: Journ
     from transformers import set_seed
 
     greedy = GenerationSettings(temperature=0, max_new_tokens=args.max_new_tokens)
-    sampling = GenerationSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    # top_k 0: samples from the policy's own distribution (no hidden top-k cut), which the KL estimate assumes
+    sampling = GenerationSettings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                  top_k=0)
     for number, spec in enumerate(plan.specs):
         todo = [i for i in range(len(plan.prompts)) if ("generation", spec.name, i) not in done]
         if not todo:

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
-from align.core.plots import error_bars, pyplot
+from align.core.plots import error_bars, pyplot, save
 from rag.metrics import mcnemar, rate
 
 
@@ -196,10 +196,7 @@ def plot(summary: dict, directory: Path) -> list[Path]:
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    paths = [directory / "accuracy_by_position.png"]
-    figure.savefig(paths[0], dpi=120)
-    plt.close(figure)
+    paths = [save(figure, directory / "accuracy_by_position.png", 120)]
 
     figure, axis = plt.subplots(figsize=(5, 4))
     for m in models:
@@ -215,8 +212,5 @@ def plot(summary: dict, directory: Path) -> list[Path]:
     axis.grid(alpha=0.3)
     if any(summary["accuracy_by_num_documents"].get(m) for m in models):
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    paths.append(directory / "accuracy_by_num_documents.png")
-    figure.savefig(paths[1], dpi=120)
-    plt.close(figure)
+    paths.append(save(figure, directory / "accuracy_by_num_documents.png", 120))
     return paths

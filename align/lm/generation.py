@@ -22,6 +22,8 @@ class GenerationSettings:
     top_p: float = 1.0
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()  # generation of a sequence ends at the first of these; the text is cut before it
+    top_k: int | None = None  # None: the model's generation config (often 50); 0: no top-k cut (the model's own
+    # distribution, as KL estimates need)
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
@@ -64,6 +66,8 @@ def generate(model, tokenizer, texts: Sequence[str], settings: GenerationSetting
     batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
         if settings.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if settings.temperature > 0 and settings.top_k is not None:
+        sampling["top_k"] = settings.top_k
     stops = {"stop_strings": list(settings.stop), "tokenizer": tokenizer} if settings.stop else {}
     with torch.no_grad():
         output = model.generate(**batch, **sampling, **stops, max_new_tokens=settings.max_new_tokens,

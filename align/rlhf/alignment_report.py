@@ -183,7 +183,7 @@ def markdown(summary: dict, plots: list[str]) -> str:
 def plot(summary: dict, directory: Path) -> list[Path]:
     """score_vs_sqrt_kl.png (a panel per judge: the best-of-n curve and each policy's samples at √KL) and
     win_rates.png (win rate and length-controlled win rate over the baseline, a group per judge)."""
-    from align.core.plots import error_bars, pyplot
+    from align.core.plots import error_bars, pyplot, save
 
     plt = pyplot()
     directory.mkdir(parents=True, exist_ok=True)
@@ -208,10 +208,7 @@ def plot(summary: dict, directory: Path) -> list[Path]:
         axis.set_ylabel("mean score of sampled responses (reward std)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    paths = [directory / "score_vs_sqrt_kl.png"]
-    figure.savefig(paths[0], dpi=110)
-    plt.close(figure)
+    paths = [save(figure, directory / "score_vs_sqrt_kl.png", 110)]
 
     figure, axis = plt.subplots(figsize=(max(4.5, 2.2 * len(judges)), 4))
     names = [n for n in summary["policies"] if n != summary["baseline"]]
@@ -236,8 +233,5 @@ def plot(summary: dict, directory: Path) -> list[Path]:
     axis.grid(alpha=0.3, axis="y")
     if names:
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    paths.append(directory / "win_rates.png")
-    figure.savefig(paths[1], dpi=110)
-    plt.close(figure)
+    paths.append(save(figure, directory / "win_rates.png", 110))
     return paths
