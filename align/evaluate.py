@@ -218,6 +218,8 @@ def read_journal(path: Path, plan: Plan) -> dict[tuple, dict]:
             [float(s) for s in [record["greedy"], *record["samples"]]]  # noqa: B018 - raises on a bad record
         else:
             return False
+        if key in done:  # already there: the first record stands
+            return False
         done[key] = record
         return True
 
