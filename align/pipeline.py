@@ -432,8 +432,9 @@ def _headline(stage: PlannedStage, m: dict) -> str:
         shown = ", ".join(f"{k} {v}" for k, v in rows.items()) if isinstance(rows, dict) else rows
         return f"ranked prompts: {shown} -> {out / 'dataset'}"
     if stage.name in ("reward", "judge"):
+        weights = out / "judge" if (out / "judge").is_dir() else out / "adapter"  # an embedding judge: a head
         return (f"held-out ranking accuracy {_num(m.get('eval_accuracy_before'))} (untrained) -> "
-                f"{_num(m.get('eval_accuracy'))}; adapter {out / 'adapter'}")
+                f"{_num(m.get('eval_accuracy'))} on {m.get('eval_pairs', 'n/a')} pairs; {weights}")
     if stage.name == "ppo":
         if m.get("eval_reward_before") is not None:
             reward = (f"reward on {m.get('eval_prompts')} held-out prompts {_num(m['eval_reward_before'])} (SFT) -> "
