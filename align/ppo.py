@@ -6,7 +6,10 @@ output), an `align sft` output (`--sft_adapter`, merged into the base to start t
 `<output_dir>/adapter/` (the policy LoRA, loaded on top of the SFT-merged base; its model card names
 the SFT adapter and reward model), `logs/` (metrics.jsonl, samples.jsonl, TensorBoard) and
 `manifest.json` with the reward curve's ends. Checkpoints every `--save_steps` hold everything a
-killed run needs to resume and reproduce the uninterrupted numbers.
+killed run needs to resume and reproduce the uninterrupted numbers. With `--eval_prompts N` it holds N
+prompts out (written to `eval_prompts.jsonl`) and scores the greedy responses to them before and after;
+`--eval_steps K --eval_judges NAME=<reward output>` also every K iterations and by every judge
+(`logs/eval.jsonl`, the policy of each such step in `eval_adapters/step-K/`).
 
     align ppo --config configs/ppo.yaml        # SFT adapter + reward model + Self-Instruct prompts
     align ppo --config configs/tiny/ppo.yaml   # the tiny model, seconds
