@@ -289,7 +289,8 @@ def reference_logprobs(plan: Plan, args: EvaluateArguments, done: dict, journal:
                 for text, ended in zip(done[("generation", policy, i)]["samples"],
                                        [not t for t in done[("generation", policy, i)]["samples_truncated"]],
                                        strict=True)]
-        logp = response_logprobs(model, tokenizer, [render_prompt(tokenizer, plan.prompts[i]) for _, i, _, _ in flat],
+        rendered = {i: render_prompt(tokenizer, plan.prompts[i]) for _, i in batch}  # once per prompt, not sample
+        logp = response_logprobs(model, tokenizer, [rendered[i] for _, i, _, _ in flat],
                                  [text for _, _, text, _ in flat], [e for *_, e in flat], args.batch_size)
         records, offset = [], 0
         for policy, i in batch:

@@ -74,12 +74,13 @@ def stage_manifest(adapter: str) -> dict:
         return {}
 
 
-def _sft_of(adapter: str) -> str | None:
-    """The SFT adapter a PPO output or checkpoint started from, or None."""
+def ppo_input(adapter: str, key: str) -> str | None:
+    """What the PPO run an output or checkpoint belongs to took as `key` ("sft_adapter", "reward_model"); None
+    for anything else."""
     if is_ppo_checkpoint(adapter):
-        return checkpoint_run_config(adapter).get("data", {}).get("sft_adapter")
+        return checkpoint_run_config(adapter).get("data", {}).get(key)
     manifest = stage_manifest(adapter)
-    return (manifest.get("depends_on") or {}).get("sft_adapter") if manifest.get("stage") == "ppo" else None
+    return (manifest.get("depends_on") or {}).get(key) if manifest.get("stage") == "ppo" else None
 
 
 def adapter_chain(adapters: Sequence[str]) -> list[str]:
@@ -94,7 +95,7 @@ def adapter_chain(adapters: Sequence[str]) -> list[str]:
             chain.append(adapter)
 
     for adapter in adapters:
-        sft = _sft_of(adapter)
+        sft = ppo_input(adapter, "sft_adapter")
         if sft:
             add(sft)
         add(adapter)

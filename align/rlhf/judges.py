@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.core.command import StageError
-from align.lm.policies import checkpoint_run_config, is_ppo_checkpoint, stage_manifest
+from align.lm.policies import ppo_input
 
 
 @dataclass
@@ -79,16 +79,7 @@ def load_judge(name: str, path: str, precision, device: str, batch_size: int = 8
 
 def optimised_against(adapters: Sequence[str]) -> list[str]:
     """The reward models the PPO runs among `adapters` (outputs or checkpoints) were trained against."""
-    found = []
-    for adapter in adapters:
-        if is_ppo_checkpoint(adapter):
-            reward = checkpoint_run_config(adapter).get("data", {}).get("reward_model")
-        else:
-            manifest = stage_manifest(adapter)
-            reward = (manifest.get("depends_on") or {}).get("reward_model") if manifest.get("stage") == "ppo" else None
-        if reward:
-            found.append(reward)
-    return found
+    return [reward for reward in (ppo_input(adapter, "reward_model") for adapter in adapters) if reward]
 
 
 def same_path(a: str, b: str) -> bool:
