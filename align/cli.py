@@ -15,6 +15,7 @@ STAGES = {
     "self-instruct": ("align.self_instruct", "bootstrap tasks with instances from a few seed tasks (Self-Instruct)"),
     "sft": ("align.sft", "supervised fine-tuning with LoRA on chat or prompt/completion data"),
     "comparisons": ("align.comparisons", "K ranked responses per prompt: OASST, HH-RLHF, sampled policy, human sheets"),
+    "label": ("align.label", "a web page where people rank K responses per prompt; writes comparisons for `reward`"),
     "reward": ("align.reward", "reward model trained on K-wise rankings (or chosen/rejected pairs)"),
     "ppo": ("align.ppo", "PPO against a reward model: LoRA policy on the SFT model, value model from the reward model"),
     "evaluate": ("align.evaluate", "alignment report: win rates, length control, KL, best-of-n, by unoptimised judges"),

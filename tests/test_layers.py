@@ -15,8 +15,8 @@ from tests.conftest import ROOT
 PACKAGES = ("align", "rag")
 # The commands: they talk to each other through outputs on disk only (`pipeline` and `cli` reach the stages
 # by module name, through importlib).
-STAGES = {"align.self_instruct", "align.sft", "align.comparisons", "align.reward", "align.ppo", "align.evaluate",
-          "align.push", "align.pipeline", "align.cli", "rag.cli"}
+STAGES = {"align.self_instruct", "align.sft", "align.comparisons", "align.label", "align.reward", "align.ppo",
+          "align.evaluate", "align.push", "align.pipeline", "align.cli", "rag.cli"}
 # Which layers a layer may import (its own modules always).
 ALLOWED = {
     "align.core": set(),
@@ -27,8 +27,8 @@ ALLOWED = {
     "rag": {"align.core", "align.lm"},
 }
 # A stage file (and `rag eval`) keeps one skeleton: config -> validate -> data -> model -> loop -> save -> manifest.
-STAGE_FILES = {"align.self_instruct", "align.sft", "align.comparisons", "align.reward", "align.ppo", "align.evaluate",
-               "rag.evaluate"}
+STAGE_FILES = {"align.self_instruct", "align.sft", "align.comparisons", "align.label", "align.reward", "align.ppo",
+               "align.evaluate", "rag.evaluate"}
 STAGE_LINES, MODULE_LINES = 450, 600
 
 

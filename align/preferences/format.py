@@ -100,7 +100,8 @@ def comparison_row(prompt: list[dict], responses: list[str], ranks: list[int], r
             "source_id": source_id}
 
 
-def comparisons_dataset(splits: dict[str, list[dict]]) -> DatasetDict:
+def comparisons_dataset(splits: dict[str, list[dict]], extra: dict[str, Value] | None = None) -> DatasetDict:
+    """The rows of each split as a DatasetDict with the canonical columns (and the `extra` ones, e.g. `labeler`)."""
     features = Features({
         "prompt": List({"role": Value("string"), "content": Value("string")}),
         "responses": List(Value("string")),
@@ -108,6 +109,7 @@ def comparisons_dataset(splits: dict[str, list[dict]]) -> DatasetDict:
         "ranker": Value("string"),
         "source": Value("string"),
         "source_id": Value("string"),
+        **(extra or {}),
     })
     return DatasetDict({
         name: Dataset.from_dict({column: [row[column] for row in rows] for column in features}, features=features)

@@ -229,8 +229,8 @@ def parse_ranks(value: Any) -> list[int] | None:
     return [int(t) for t in tokens] if tokens and all(re.fullmatch(r"-?\d+", t) for t in tokens) else None
 
 
-def sheet_comparison(record: SourceRecord, counts: Counter) -> list[dict]:
-    """One filled sheet row -> one comparison row ranked by "human"."""
+def sheet_row(record: SourceRecord) -> tuple[str, list[dict], list[str]]:
+    """One sheet row's id, prompt (chat messages) and responses (in sheet order), ranked or not."""
     data = record.data
     sheet_id = str(data.get("id") or "").strip()
     where = f"row {record.line} (id {sheet_id or '?'})"
@@ -247,7 +247,14 @@ def sheet_comparison(record: SourceRecord, counts: Counter) -> list[dict]:
     if missing:
         raise RecordError(f"{where}: no column {', '.join(missing)}")
     responses = [str(data[f"response_{i}"] or "") for i in range(1, count + 1)]
-    raw = data.get("ranks")
+    return sheet_id, _sheet_prompt(data, where), responses
+
+
+def sheet_comparison(record: SourceRecord, counts: Counter) -> list[dict]:
+    """One filled sheet row -> one comparison row ranked by "human"."""
+    sheet_id, prompt, responses = sheet_row(record)
+    where = f"row {record.line} (id {sheet_id})"
+    raw = record.data.get("ranks")
     if raw in (None, "", []):
         raise RecordError(f"{where}: not ranked yet")
     ranks = parse_ranks(raw)
@@ -256,7 +263,6 @@ def sheet_comparison(record: SourceRecord, counts: Counter) -> list[dict]:
     problem = check_ranking(responses, ranks)
     if problem:
         raise RecordError(f"{where}: {problem}")
-    prompt = _sheet_prompt(data, where)
     counts["sheet_rows"] += 1
     return [comparison_row(prompt, responses, ranks, "human", "sheet", sheet_id)]
 
