@@ -17,7 +17,7 @@ Reads one of four sources (`--source`):
   repeated >= 4 times, cut off at max_new_tokens) below all others; a prompt whose responses all tie is
   skipped. Finished prompts are journaled to `<output_dir>.partial/journal.jsonl`: re-running the same
   command after a crash or kill resumes without losing or repeating a prompt. `--ranker human` writes
-  a ranking sheet (below) instead of a dataset.
+  a ranking sheet (below) instead of a dataset: rank it on `align label`'s page, or fill it in.
 - `sheet`: a ranking sheet filled in by people; `--export_sheet` writes one to fill.
 
 Ranking sheets (JSONL or CSV, picked by the file suffix) have one row per prompt: `id`, `prompt` (the
@@ -425,8 +425,9 @@ def export_sheet(args: ComparisonsArguments) -> Path:
 
 
 def _say_how_to_import(sheet: Path, rows: int) -> None:
-    logger.info("wrote a ranking sheet with %d prompts to %s — fill its `ranks` column, then run `align comparisons "
-                "--source sheet --input_path %s --output_dir <dir>`", rows, sheet, sheet)
+    logger.info("wrote a ranking sheet with %d prompts to %s — rank them in a browser with `align label --input %s "
+                "--output_dir <dir>`, or fill its `ranks` column and run `align comparisons --source sheet "
+                "--input_path %s --output_dir <dir>`", rows, sheet, sheet, sheet)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ Served beyond loopback (`--host 0.0.0.0`), the page needs an access token, print
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -248,9 +249,10 @@ def main(argv: list[str] | None = None) -> Path | int:
                     sum(n > 1 for n in labeling.needed.values()), args.labelers_per_overlap_item,
                     labeling.complete_items(), len(labeling.submissions), " (resumed)" if output.resumed else "")
         print(f"align label: open {server.address} to rank (Ctrl-C stops; the same command resumes)", flush=True)
-        try:
-            server.serve(labeling)
-        except KeyboardInterrupt:
+        server.serve(labeling)  # returns when the round is complete, or on Ctrl-C
+        if not labeling.complete():
+            if not output.resumable():  # nothing was submitted: nothing to resume
+                shutil.rmtree(output.partial, ignore_errors=True)
             print(f"align label: stopped with {labeling.complete_items()} of {len(items)} items complete — run the "
                   "same command to go on, or add --finish true to publish what is ranked", flush=True)
             return 130

@@ -32,10 +32,10 @@ def require_browser() -> None:
 
 
 class Server:
-    """`align label ... --port 0` in its own process; `url` is the address it printed."""
+    """`align label ... --port PORT` (default: any free one) in its own process; `url` is the address it printed."""
 
-    def __init__(self, *args: str, log: Path):
-        self.args = [sys.executable, "-m", "align.cli", "label", *map(str, args), "--port", "0"]
+    def __init__(self, *args: str, log: Path, port: int = 0):
+        self.args = [sys.executable, "-m", "align.cli", "label", *map(str, args), "--port", str(port)]
         self.log = log
         self.process = None
         self.url = None

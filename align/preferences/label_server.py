@@ -142,6 +142,10 @@ class LabelServer:
         self.host = host
         self.token = secrets.token_urlsafe(24) if require_token else None
         self._complete = threading.Event()
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            # werkzeug exits the process on a busy port; find out first, as an OSError the stage can explain
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
         self._server = make_server(host, port, app=None, threaded=True)
         self.port = self._server.server_port
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one log line per request
