@@ -35,9 +35,11 @@ Served beyond loopback (`--host 0.0.0.0`), the page needs an access token, print
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 from align.core.command import StageError, now_iso, parse_config, run_stage
 from align.core.inputs import load_stage_dataset, validate_columns
@@ -90,6 +92,7 @@ CONFIG_CLASSES = (LabelArguments,)
 OPTION_RULES = {"overlap": Range(0, 1), "labelers_per_overlap_item": Range(2), "port": Range(0, 65535),
                 "lease_minutes": POSITIVE}
 # How to serve and when to stop: not part of the round's identity (a re-run with another port resumes).
+LOCK = "server.lock"
 SERVING = ("host", "port", "lease_minutes", "finish", "overwrite_output_dir", "restart")
 
 
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> Path | int:
     output = StageOutput(STAGE, Path(args.output_dir), config, overwrite=args.overwrite_output_dir,
                          restart=args.restart)
     output.check()
+    _refuse_if_served(output.partial)
     if args.finish and not (output.partial / "journal.jsonl").is_file():
         raise StageError(STAGE, f"nothing has been ranked in {output.partial} — serve the page first (run without "
                          "--finish)")
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> Path | int:
             raise StageError(STAGE, f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}) — pass "
                              "another --port, or --port 0 for any free one") from None
     partial = output.open()
+    lock = _hold(partial, server.address if server else "--finish")  # noqa: F841 - held until the process ends
     labeling = LabelingRound(items, partial / "journal.jsonl", args.overlap, args.labelers_per_overlap_item,
                              args.seed, args.lease_minutes * 60)
     if labeling.dropped:
@@ -256,7 +261,35 @@ def main(argv: list[str] | None = None) -> Path | int:
             print(f"align label: stopped with {labeling.complete_items()} of {len(items)} items complete — run the "
                   "same command to go on, or add --finish true to publish what is ranked", flush=True)
             return 130
+    (partial / LOCK).unlink(missing_ok=True)  # the lock stays held; the published output has no lock file
     return publish(output, labeling, args, config, started)
+
+
+def _refuse_if_served(partial: Path) -> None:
+    """A round is served by one process at a time: two would each hand out items the other does not know of."""
+    if (partial / LOCK).is_file():
+        _hold(partial, "").close()
+
+
+def _hold(partial: Path, address: str) -> IO:
+    """Lock the round for this process (released when it ends, however it ends)."""
+    import fcntl
+
+    handle = open(partial / LOCK, "a+")  # noqa: SIM115 - held open for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StageError(STAGE, f"this round is being served by {holder} — open that address, or stop that "
+                         "server first") from None
+    if address:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"`align label` (pid {os.getpid()}) at {address}\n")
+        handle.flush()
+    return handle
 
 
 def cli(argv: list[str] | None = None) -> int:

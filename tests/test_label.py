@@ -284,3 +284,24 @@ def test_finish_publishes_what_is_ranked_with_agreement(tmp_path, capsys, monkey
                                     "pairwise_agreement": 1.0, "pairs_compared": 9}
     assert set(metrics["labelers"]) == {"ann", "bob"}
     assert not partial.exists() and (tmp_path / "out" / "journal.jsonl").exists()
+
+
+def test_one_server_per_round(tmp_path, capsys, monkeypatch):
+    """A second `align label` on a round being served (or `--finish` during it) names the running server and
+    changes nothing; once that server is gone, the round is free again."""
+    from tests.label_browser import Server
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "items.jsonl", [{"prompt": "q", "responses": ["a", "b"]}])
+    args = ["--input", str(tmp_path / "items.jsonl"), "--output_dir", str(tmp_path / "out")]
+    server = Server(*args, log=tmp_path / "server.log").start()
+    try:
+        for extra in ([], ["--finish", "true"]):
+            assert label.cli([*args, "--port", "0", *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            holder = f"being served by `align label` (pid {server.process.pid}) at {server.url}"
+            assert len(err) == 1 and holder in err[0]
+    finally:
+        server.kill()
+    assert label.cli([*args, "--finish", "true"]) == 2
+    assert "nothing has been ranked" in capsys.readouterr().err

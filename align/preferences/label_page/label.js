@@ -62,7 +62,9 @@
       $("done-title").textContent = data.finished ? "Every item is ranked. Thank you!" : "Nothing left for you to rank";
       $("done-text").textContent = data.finished
         ? "The round is complete: the server has stopped and written the dataset."
-        : "The remaining items wait for other people (or are open on someone's screen). Come back later to see if any are free.";
+        : "The remaining items wait for other people (or are open on someone's screen). Look again later: an item " +
+          "left open too long is given out again.";
+      $("look-again").hidden = Boolean(data.finished);
       return;
     }
     item = data.item;
@@ -400,6 +402,7 @@
     start();
   });
   $("change-name").addEventListener("click", askName);
+  $("look-again").addEventListener("click", () => send("/api/next", {}));
 
   if (labeler) start();
   else askName();
