@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from align.core.inputs import load_stage_dataset, validate_columns
 from align.core.model_card import write_model_card
 from align.core.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range
 from align.core.outputs import RunArguments, StageOutput, append_jsonl, base_manifest, read_manifest, run_identity
+from align.core.resources import peak_resident_gb, resident_gb
 from align.lm.models import (
     DEFAULT_MODEL,
     load_causal_lm,
@@ -355,6 +357,7 @@ def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints
         while trainer.step_count < args.total_steps:
             indices = prompt_order(trainer.step_count, args.rollout_batch_size, len(prompts), trainer.settings.seed)
             batch = [prompts[i] for i in indices[rank::world]]  # this rank's share
+            started = time.perf_counter()
             try:
                 stats, rollout = trainer.step(batch)
                 sampled += len(batch)
@@ -366,9 +369,13 @@ def run_loop(trainer: PPOTrainer, args: PPOArguments, prompts: list, checkpoints
                 raise StageError(STAGE, f"mean KL {stats['kl']:.1f} nats exceeded --max_kl {args.max_kl} at step "
                                  f"{step}; last good checkpoint: {last_good or 'none'} — raise --init_kl_coef, set "
                                  "--target_kl, or lower --learning_rate")
+            stats["seconds"] = round(time.perf_counter() - started, 2)
+            stats["rss_gb"] = resident_gb()  # a run that grows step after step shows here
             if is_main:
                 append_jsonl(metrics_path, {"step": step, "prompts": indices, **stats})
                 for key, value in stats.items():
+                    if value is None:
+                        continue
                     writer.add_scalar(f"ppo/{key}", value, step)
             if is_main and (step % args.sample_steps == 0 or step == args.total_steps):
                 for prompt, response, score in list(zip(batch, rollout.responses, rollout.scores.tolist(),
@@ -394,9 +401,13 @@ def summarize(history: list[dict]) -> dict:
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)
 
+    timed = [r for r in history if r.get("seconds") is not None]
     return {"steps": history[-1]["step"], "score_first": mean(head, "score_mean"),
             "score_last": mean(tail, "score_mean"), "kl_last": mean(tail, "kl"), "beta_last": history[-1]["beta"],
-            "response_length_last": mean(tail, "response_length")}
+            "response_length_last": mean(tail, "response_length"),
+            "seconds_per_step": round(mean(timed, "seconds"), 2) if timed else None,
+            "rss_gb_first": history[0].get("rss_gb"), "rss_gb_last": history[-1].get("rss_gb"),
+            "peak_rss_gb": peak_resident_gb()}
 
 
 def cli(argv: list[str] | None = None) -> int:

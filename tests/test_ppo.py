@@ -176,6 +176,9 @@ def test_stage_writes_adapter_card_and_logs(reward_dir, tmp_path):
     rows = history(out)
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(len(r["prompts"]) == 4 for r in rows)
     assert all(math.isfinite(r["kl"]) and math.isfinite(r["score_mean"]) and r["ptx_loss"] > 0 for r in rows)
+    assert all(r["seconds"] > 0 and r["rss_gb"] > 0.1 for r in rows)  # time and memory of every iteration
+    metrics = manifest["metrics"]
+    assert metrics["seconds_per_step"] > 0 and metrics["peak_rss_gb"] >= metrics["rss_gb_last"] > 0.1
     samples = (out / "logs" / "samples.jsonl").read_text().splitlines()
     assert {json.loads(s)["step"] for s in samples} == {2, 4, 6}
     card = (out / "adapter" / "README.md").read_text()
