@@ -7,6 +7,8 @@ completions per optimizer step and the same generation length and sampling:
 - ours: `rollout_batch_size` prompts x 1 sample, one PPO epoch over one minibatch (so one optimizer step
   per rollout, like RLOO), plus what RLOO does not do: a value model (a second 135M backbone with its own
   LoRA) forward and backward pass, and a reference forward pass;
+- ours-keep: the same without gradient checkpointing (activations kept for the backward pass), to show
+  what recomputing them (our default, and TRL's) saves and costs;
 - TRL: `RLOOTrainer` with `num_generations=2` (its leave-one-out baseline needs two samples per prompt),
   so half as many prompts give the same number of completions; beta > 0 so it runs its reference pass too.
 
@@ -19,7 +21,8 @@ timed steps. Reported: completions per second and peak memory (resident set on C
 Both sides compute at the same `--precision` (default auto: bf16 mixed precision where the hardware has it).
 
 The last line printed is `RESULT samples_per_s_ours=<a> samples_per_s_trl=<b> ratio=<a/b>
-peak_mb_ours=<x> peak_mb_trl=<y> mem_ratio=<x/y>`; the numbers also go to runs/bench/ppo.json (`--out`).
+peak_mb_ours=<x> peak_mb_trl=<y> mem_ratio=<x/y> samples_per_s_ours_keep=<c> peak_mb_ours_keep=<z>`; the numbers
+also go to runs/bench/ppo.json (`--out`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+# ours (activations recomputed in the backward pass, the default), ours keeping them, TRL
+SIDES = ("ours", "ours-keep", "trl")
+
+
 def peak_mb() -> float:
     import torch
 
@@ -54,7 +61,7 @@ def load_prompts(args) -> list:
     return [record["prompt"] for record in records]
 
 
-def run_ours(args) -> dict:
+def run_ours(args, gradient_checkpointing: bool = True) -> dict:
     import torch
     from transformers import set_seed
 
@@ -63,7 +70,7 @@ def run_ours(args) -> dict:
 
     settings = PPOSettings(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, ppo_epochs=1,
                            mini_batch_size=args.completions, learning_rate=1e-5, value_learning_rate=1e-5,
-                           init_kl_coef=0.05, seed=0)
+                           init_kl_coef=0.05, seed=0, gradient_checkpointing=gradient_checkpointing)
     stage_args = PPOArguments(model_name_or_path=args.model, reward_model=args.reward_model, lora_r=16,
                               lora_alpha=32, rollout_batch_size=args.completions, precision=args.precision)
     set_seed(0)
@@ -151,32 +158,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="both sides' arithmetic (default auto: bf16 where the hardware has it)")
-    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # one side, in a child process
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in a child process
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "ppo.json"))
     args = parser.parse_args()
     if args.side:
-        result = run_ours(args) if args.side == "ours" else run_trl(args)
+        result = run_trl(args) if args.side == "trl" else run_ours(args, args.side == "ours")
         print("SIDE " + json.dumps(result), flush=True)
         return
 
     results = {}
-    for side in ("ours", "trl"):
+    for side in SIDES:
         command = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
         child = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         line = next((x for x in child.stdout.splitlines() if x.startswith("SIDE ")), None)
         if child.returncode != 0 or line is None:
             sys.exit(f"{side} failed:\n{child.stderr[-4000:]}")
         results[side] = json.loads(line[5:])
-        print(f"{side:>5}: {results[side]['samples_per_s']:.2f} completions/s, peak {results[side]['peak_mb']:.0f} MB, "
+        result = results[side]
+        print(f"{side:>10}: {result['samples_per_s']:.2f} completions/s, peak {result['peak_mb']:.0f} MB, "
               f"steps {[round(t, 1) for t in results[side]['step_seconds']]} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "results": results,
                                           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}},
                                          indent=2))
-    ours, trl = results["ours"], results["trl"]
+    ours, keep, trl = results["ours"], results["ours-keep"], results["trl"]
     print(f"RESULT samples_per_s_ours={ours['samples_per_s']:.3f} samples_per_s_trl={trl['samples_per_s']:.3f} "
           f"ratio={ours['samples_per_s'] / trl['samples_per_s']:.2f} peak_mb_ours={ours['peak_mb']:.0f} "
-          f"peak_mb_trl={trl['peak_mb']:.0f} mem_ratio={ours['peak_mb'] / trl['peak_mb']:.2f}")
+          f"peak_mb_trl={trl['peak_mb']:.0f} mem_ratio={ours['peak_mb'] / trl['peak_mb']:.2f} "
+          f"samples_per_s_ours_keep={keep['samples_per_s']:.3f} peak_mb_ours_keep={keep['peak_mb']:.0f}")
 
 
 if __name__ == "__main__":

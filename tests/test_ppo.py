@@ -94,6 +94,21 @@ def test_bf16_computes_in_bf16_but_keeps_weights_and_log_probs_in_fp32(tiny_mode
     assert torch.allclose(again * rollout.mask, rollout.logprobs * rollout.mask, atol=1e-4)
 
 
+def test_gradient_checkpointing_changes_memory_not_the_update(tiny_model_path, one_thread):
+    """The same rollout, one PPO update with activations recomputed and one with them kept: the same weights after."""
+    recomputing = make_trainer(tiny_model_path, gradient_checkpointing=True, ppo_epochs=1)
+    keeping = make_trainer(tiny_model_path, gradient_checkpointing=False, ppo_epochs=1)
+    assert recomputing.policy.is_gradient_checkpointing and not keeping.policy.is_gradient_checkpointing
+    rollout = recomputing.rollout(PROMPTS[:8])
+    before = [p.detach().clone() for p in recomputing.trainable]
+    recomputing.update(rollout)
+    keeping.update(rollout)
+    moved = max((a - b).abs().max().item() for a, b in zip(recomputing.trainable, before, strict=True))
+    assert moved > 1e-4  # the update did something...
+    for a, b in zip(recomputing.trainable, keeping.trainable, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)  # ...and the same thing
+
+
 def test_ptx_loss_is_mixed_in_and_learned(tiny_model_path, one_thread):
     """PPO-ptx with a flat reward: the language-modelling loss on the ptx text falls."""
     trainer = make_trainer(tiny_model_path)

@@ -68,6 +68,10 @@ class PPOSettings:
         metadata={"help": "PPO-ptx (InstructGPT): weight of the language-modelling loss on --ptx_dataset."})
     ptx_batch_size: int = field(default=4, metadata={"help": "PPO-ptx: sequences per optimizer step."})
     seed: int = field(default=42, metadata={"help": "Seed for adapters, sampling and prompt order."})
+    gradient_checkpointing: bool = field(default=True,
+        metadata={"help": "Recompute the policy's and value model's activations in the backward pass instead of "
+                  "keeping them: peak memory no longer grows with every token of the longest minibatch, for one "
+                  "more forward pass per update (TRL's online trainers do the same by default)."})
 
 
 class ValueModel(nn.Module):
@@ -140,6 +144,9 @@ class PPOTrainer:
             # bf16 logits (an 8-bit mantissa: steps of 0.06-0.125 at typical logit sizes) would put that much noise
             # into every probability ratio PPO takes between two forward passes; the output layer stays fp32.
             compute_in_fp32(policy.get_base_model().get_output_embeddings())
+        if settings.gradient_checkpointing:  # only in training mode: sampling and scoring are untouched
+            for model in (policy, value_model.backbone):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy, self.value_model, self.tokenizer = policy, value_model, tokenizer
         self.reward_fn, self.settings = reward_fn, settings
         self.kl_controller = ppo_math.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
