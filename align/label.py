@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
+from datasets import Value
+
 from align.core.command import StageError, now_iso, parse_config, run_stage
 from align.core.inputs import load_stage_dataset, validate_columns
 from align.core.journal import JournalWriter
@@ -91,8 +93,8 @@ class LabelArguments(OutputArguments):
 CONFIG_CLASSES = (LabelArguments,)
 OPTION_RULES = {"overlap": Range(0, 1), "labelers_per_overlap_item": Range(2), "port": Range(0, 65535),
                 "lease_minutes": POSITIVE}
+LOCK = "server.lock"  # held by the process serving the round (see `_hold`)
 # How to serve and when to stop: not part of the round's identity (a re-run with another port resumes).
-LOCK = "server.lock"
 SERVING = ("host", "port", "lease_minutes", "finish", "overwrite_output_dir", "restart")
 
 
@@ -190,7 +192,7 @@ def publish(output: StageOutput, labeling: LabelingRound, args: LabelArguments, 
                          f"{metrics['skips']} skips, {metrics['flags']} flags) — rank some items first (run without "
                          "--finish)")
     partial = output.partial
-    save_dataset_atomic(comparisons_dataset(splits, extra={"labeler": _string(), "num_labelers": _integer()}),
+    save_dataset_atomic(comparisons_dataset(splits, extra={"labeler": Value("string"), "num_labelers": Value("int64")}),
                         partial / "dataset")
     with JournalWriter(partial / "flagged.jsonl") as flagged:
         flagged.write({"item": r["item"], "labeler": r["labeler"], "reason": r["reason"], "note": r["note"],
@@ -207,18 +209,6 @@ def publish(output: StageOutput, labeling: LabelingRound, args: LabelArguments, 
                 metrics["skips"], metrics["flags"], agreement["items"], agreement["kendall_tau_b"],
                 agreement["pairwise_agreement"])
     return final
-
-
-def _string():
-    from datasets import Value
-
-    return Value("string")
-
-
-def _integer():
-    from datasets import Value
-
-    return Value("int64")
 
 
 def main(argv: list[str] | None = None) -> Path | int:
