@@ -34,14 +34,17 @@
     return data;
   }
 
+  // Returns whether the server took the request (a failed submission keeps the item and its draft on screen).
   async function send(path, body) {
-    if (busy) return;
+    if (busy) return false;
     busy = true;
     say("");
     try {
       show(await call(path, { labeler, ...body }));
+      return true;
     } catch (error) {
       say(`Not saved: ${error.message}. Check that \`align label\` is still running, then try again.`);
+      return false;
     } finally {
       busy = false;
     }
@@ -209,7 +212,9 @@
     }
     const ordered = [...item.responses].sort((a, b) => a.index - b.index).map((r) => ranks[r.index]);
     const key = draftKey();
-    send("/api/submit", { item: item.id, action: "rank", ranks: ordered }).then(() => sessionStorage.removeItem(key));
+    send("/api/submit", { item: item.id, action: "rank", ranks: ordered }).then((taken) => {
+      if (taken) sessionStorage.removeItem(key);
+    });
   }
 
   function skip() {
