@@ -211,19 +211,21 @@ class LabelingRound:
 
     def _progress(self, labeler: str) -> dict:
         mine = Counter(acted[labeler] for acted in self._acted.values() if labeler in acted)
-        complete = sum(self.judged(i) >= self.needed[i] for i in self.order)
-        return {"items": len(self.order), "complete": complete, "ranked_by_you": mine["rank"],
+        return {"items": len(self.order), "complete": self._complete_count(), "ranked_by_you": mine["rank"],
                 "skipped_by_you": mine["skip"], "flagged_by_you": mine["flag"],
                 "judgements_needed": sum(self.needed.values()),
                 "judgements": sum(min(self.judged(i), self.needed[i]) for i in self.order)}
 
+    def _complete_count(self) -> int:
+        return sum(self.judged(i) >= self.needed[i] for i in self.order)
+
     def _complete(self) -> bool:
-        return all(self.judged(i) >= self.needed[i] for i in self.order)
+        return self._complete_count() == len(self.order)
 
     def complete_items(self) -> int:
         """How many items have the judgements they need."""
         with self._lock:
-            return sum(self.judged(i) >= self.needed[i] for i in self.order)
+            return self._complete_count()
 
     def complete(self) -> bool:
         """Every item has the judgements it needs."""
@@ -335,7 +337,7 @@ def summarize(labeling: LabelingRound) -> tuple[dict[str, list[dict]], dict]:
     metrics = {
         "items": len(labeling.items),
         "items_with_overlap": sum(n > 1 for n in labeling.needed.values()),
-        "items_complete": sum(labeling.judged(i) >= labeling.needed[i] for i in labeling.order),
+        "items_complete": labeling.complete_items(),
         "rankings": actions["rank"], "skips": actions["skip"], "flags": actions["flag"],
         "flags_by_reason": dict(Counter(r["reason"] for r in labeling.submissions if r["action"] == "flag")),
         "rows": {split: len(rows) for split, rows in splits.items()},
