@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> Path | int:
         try:  # bind before writing anything: a busy port is the user's to fix
             server = LabelServer(args.host, args.port, require_token=not is_loopback(args.host))
         except OSError as exc:
-            raise StageError(STAGE, f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}) — pass "
-                             "another --port, or --port 0 for any free one") from None
+            raise StageError(STAGE, f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}) — check "
+                             "--host, or pass another --port (0 = any free one)") from None
     partial = output.open()
     lock = _hold(partial, server.address if server else "--finish")  # noqa: F841 - held until the process ends
     labeling = LabelingRound(items, partial / "journal.jsonl", args.overlap, args.labelers_per_overlap_item,
