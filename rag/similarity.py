@@ -58,11 +58,28 @@ logger = logging.getLogger("align")
 # Shapes of a short answer in the way instruct models write them; `{}` is the answer.
 ANSWER_SHAPES = ("{}", "{}.", "The answer is {}.", "It is {}.", "{}, according to the documents.")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_NUMBER_SIGN = re.compile(r"\bNos?\.$")  # "No. 40": an abbreviation before a number only
+_ABBREVIATION = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|Prof|St|Mt|Vol|vs|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|"
+                           r"Nov|Dec|Gen|Col|Capt|Lt|Sgt|Rev|Jr|Sr|Inc|Ltd|Co|Corp|approx|ca|c|e\.g|i\.e)|\b[A-Z])\.$")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of a text (split after . ! ? before an upper-case letter or digit, and at line breaks)."""
-    return [s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip()]
+    """Sentences of a text (split after . ! ? before an upper-case letter or digit, and at line breaks; not after
+    an abbreviation or an initial: "Sept. 21", "Dr. Lee", "J. Smith")."""
+    sentences = []
+    for line in text.splitlines():
+        for piece in _SENTENCE_END.split(line):
+            piece = piece.strip()
+            if not piece:
+                continue
+            previous = sentences[-1][0] if sentences and sentences[-1][1] == len(sentences) else None
+            if previous and (_ABBREVIATION.search(previous) or (_NUMBER_SIGN.search(previous)
+                                                                and piece[0].isdigit())):
+                sentences[-1] = (f"{sentences[-1][0]} {piece}", len(sentences))
+            else:
+                sentences.append((piece, len(sentences) + 1))
+        sentences = [(s, -1) for s, _ in sentences]  # a line break always ends a sentence
+    return [s for s, _ in sentences]
 
 
 class Calibrator:
