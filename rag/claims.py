@@ -178,7 +178,8 @@ class Quantity:
 
     @property
     def year_like(self) -> bool:
-        return self.dimension is None and float(self.value).is_integer() and 1000 <= self.value <= 2100
+        return self.dimension is None and float(self.value).is_integer() and 1000 <= self.value <= 2100 \
+            and "," not in self.text  # "1,200" is a count
 
 
 def _number_at(words: list[str], i: int) -> tuple[float, int] | None:
@@ -257,8 +258,8 @@ def quantities(text: str, skip: frozenset[int] = frozenset()) -> list[Quantity]:
                 used += extra
         following = words[i + used + 1].lower() if i + used + 1 < len(words) else ""
         if unit is None and (words[i].lower() == "twice" or (
-                i + used < len(words) and words[i + used].lower() == "times" and (following in ("as", "more", "less", "the")
-                                                        or following.endswith("er")))):
+                i + used < len(words) and words[i + used].lower() == "times"
+                and (following in ("as", "more", "less", "the") or following.endswith("er")))):
             used += words[i].lower() != "twice"
             unit = ("ratio", 1.0, 0.0)  # "four times as much", "twice as long" (not "won 71 times")
         if unit is None and i + used + 1 < len(words) and words[i + used].lower() in ("and", "to", "-", "or"):

@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rag.evaluate", "models x (closed-book, oracle, k documents x gold positions): accuracy, similarity, "
                              "grounding, report"),
+    "rescore": ("rag.rescore", "score a finished `rag eval` again with today's metrics and grounding checker, "
+                               "no generation; lists what changed"),
     "build": ("rag.position", "k-document contexts with the gold passage at chosen positions (Lost-in-the-Middle "
                               "files)"),
     "retrieval": ("rag.retrieval", "recall@k, MRR, nDCG@k and throughput of a faiss index over MiniLM embeddings"),

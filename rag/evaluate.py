@@ -11,7 +11,11 @@ sorted by length) and stop at the first newline.
 Scored per answer: best_subspan_em (primary: a normalised alias occurs in the first line) and exact match;
 embedding cosine to the best alias and the calibrated probability that the answer means the same
 (`--calibration` from `rag calibrate`, otherwise fitted on pairs built from the benchmark's records); and the
-grounding check of `rag.hallucination` against the passages shown. Every rate carries a Wilson 95% interval;
+grounding check of `rag.hallucination` against the passages shown (claims read for quantities, dates, swaps,
+roles, negation and qualifiers; `--grounding words` keeps the word-level check, `--grounding_verifier MODEL` adds
+an LM asked whether each claim is supported); closed-book answers, which have no passages, get a consistency
+score instead: agreement with `--consistency_samples` sampled answers of the same model. Every rate carries a
+Wilson 95% interval;
 positions (within a model and k) and models (within a cell) are compared with McNemar's exact test on the
 paired questions.
 
@@ -34,14 +38,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset
 from tqdm import tqdm
 
 from align.core.command import StageError, now_iso, parse_config, run_stage
 from align.core.journal import JournalWriter, replay
-from align.core.options import AT_LEAST_ONE, Choice
-from align.core.outputs import StageOutput, base_manifest, save_dataset_atomic, write_json_atomic
-from align.lm.generation import GenerationSettings, generate, render_chat
+from align.core.options import AT_LEAST_ONE, NON_NEGATIVE, Choice
+from align.core.outputs import StageOutput, base_manifest
+from align.lm.generation import GenerationSettings, generate
 from align.lm.models import load_tokenizer, pick_device, resolve_model
 from align.lm.policies import PolicySpec, adapter_chain, load_policy, parse_policies, policy_problems
 from align.lm.precision import PRECISION_HELP, Precision, precision_problems, stage_precision
@@ -55,14 +58,20 @@ from rag.data import (
     load_kv_records,
     load_records,
 )
-from rag.hallucination import GroundingChecker
-from rag.metrics import best_subspan_em, exact_match
 from rag.position import ARMS, Cell, plan_cells, select_questions
 from rag.retrieval import Embedder
-from rag.similarity import Calibrator, alias_similarity, fit_calibration, pairs_from_records
+from rag.scoring import (
+    add_prompt_tokens,
+    calibration_for,
+    make_checker,
+    render_prompt,
+    score_examples,
+    write_results,
+)
 
 STAGE = "rag eval"
 BENCHMARKS = ("qa", "kv")
+GROUNDING = ("claims", "words")
 logger = logging.getLogger("align")
 
 QA_INSTRUCTION = "Answer the question using the documents below. Reply with the answer only: a few words, no " \
@@ -102,6 +111,15 @@ class EvalArguments:
                                                                        "claim."})
     nli_model: str | None = field(default=None, metadata={"help": "A local CrossEncoder NLI directory: entailment "
                                                                    "decides support instead of cosine."})
+    grounding: str = field(default="claims", metadata={"help": "claims (read numbers with units, dates, who did what "
+                                                                "to whom, negation, qualifiers) or words (names and "
+                                                                "numbers as written)."})
+    grounding_verifier: str | None = field(default=None, metadata={"help": "A model (alias, directory or hub id) "
+                                                                           "asked 'is this claim supported?' for every "
+                                                                           "claim, averaged with the checker."})
+    consistency_samples: int = field(default=4, metadata={"help": "Sampled answers per closed-book question "
+                                                                  "(temperature 1): the greedy answer's agreement "
+                                                                  "with them is its consistency (0 = none)."})
     output_dir: str = field(default="runs/rag-eval", metadata={"help": "Where the report goes."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
     restart: bool = field(default=False, metadata={"help": "Discard an unfinished run in <output_dir>.partial."})
@@ -109,7 +127,8 @@ class EvalArguments:
 
 CONFIG_CLASSES = (EvalArguments,)
 # Checked by `parse_config` with the shared rules of `align.core.options`, before any work.
-OPTION_RULES = {"benchmark": Choice(BENCHMARKS), "num_questions": AT_LEAST_ONE}
+OPTION_RULES = {"benchmark": Choice(BENCHMARKS), "num_questions": AT_LEAST_ONE, "grounding": Choice(GROUNDING),
+                "consistency_samples": NON_NEGATIVE}
 
 
 def option_problems(args: EvalArguments) -> list[str]:
@@ -163,13 +182,6 @@ def prompt_text(benchmark: str, question: str, ctxs: Sequence) -> str:
     return f"{QA_INSTRUCTION}\n\n{documents}\n\nQuestion: {question}"
 
 
-def render_prompt(tokenizer, benchmark: str, text: str) -> str:
-    """As a chat turn when the tokenizer has a chat template; otherwise plain text ending where the answer goes."""
-    if tokenizer.chat_template:
-        return render_chat(tokenizer, [{"role": "user", "content": text}])
-    return f"{text}\n{'Value' if benchmark == 'kv' else 'Answer'}:"
-
-
 # ----------------------------------------------------------------------------- contexts
 
 
@@ -208,31 +220,71 @@ def build_cell_contexts(args: EvalArguments, records: list[dict], cells: list[Ce
 # ----------------------------------------------------------------------------- journal
 
 
-def read_journal(path: Path) -> dict[tuple[str, str, str], dict]:
-    """Answers of an interrupted run keyed by (model, cell, question id); a torn last line is dropped."""
+def read_journal(path: Path) -> tuple[dict[tuple[str, str, str], dict], dict[tuple[str, str, str], list[str]]]:
+    """Answers and closed-book samples of an interrupted run, each keyed by (model, cell, question id); a torn
+    last line is dropped."""
     done: dict[tuple[str, str, str], dict] = {}
+    samples: dict[tuple[str, str, str], list[str]] = {}
 
     def accept(entry: dict) -> bool:
         key = (entry["model"], entry["cell"], entry["question_id"])
+        if "samples" in entry:
+            if key in samples:
+                return False
+            samples[key] = [str(s) for s in entry["samples"]]
+            return True
         if key in done:
             return False
         done[key] = {"output": str(entry["output"]), "truncated": bool(entry["truncated"])}
         return True
 
     replay(path, accept)
-    return done
+    return done, samples
 
 
 def generate_answers(spec: PolicySpec, tasks: list[dict], args: EvalArguments, journal: Path,
-                     done: dict, device: str, precision: Precision) -> None:
-    """Answer every task of one model that the journal does not hold yet, longest prompts first, in batches."""
+                     done: dict, samples: dict, device: str, precision: Precision) -> None:
+    """Answer every task of one model that the journal does not hold yet, longest prompts first, in batches;
+    then sample the closed-book questions for the consistency signal."""
     pending = [t for t in tasks if (spec.name, t["cell"], t["question_id"]) not in done]
-    if not pending:
+    to_sample = [t for t in tasks if t["cell"] == "closed_book" and args.consistency_samples
+                 and (spec.name, t["cell"], t["question_id"]) not in samples]
+    if not pending and not to_sample:
         return
     model, tokenizer = load_model(spec, precision, device)
+    if pending:
+        _answer_pending(spec, model, tokenizer, pending, len(tasks), args, journal, done)
+    if to_sample:
+        _sample_closed_book(spec, model, tokenizer, to_sample, args, journal, samples)
+    del model
+
+
+def _sample_closed_book(spec: PolicySpec, model, tokenizer, tasks: list[dict], args: EvalArguments, journal: Path,
+                        samples: dict) -> None:
+    """`consistency_samples` answers at temperature 1 per closed-book question, seeded by the question, so a
+    resumed run draws what the uninterrupted one would have."""
+    import zlib
+
+    from transformers import set_seed
+
+    settings = GenerationSettings(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, stop=("\n",))
+    with JournalWriter(journal) as writer:
+        for task in tqdm(tasks, desc=f"sampling closed-book ({spec.name})", unit="question"):
+            set_seed(args.seed + zlib.crc32(f"{spec.name}/{task['question_id']}".encode()) % 1_000_000)
+            text = render_prompt(tokenizer, args.benchmark, task["prompt"])
+            drawn = [g.text for g in generate(model, tokenizer, [text], settings,
+                                              num_return_sequences=args.consistency_samples)[0]]
+            key = (spec.name, task["cell"], task["question_id"])
+            samples[key] = drawn
+            writer.write([{"model": spec.name, "cell": task["cell"], "question_id": task["question_id"],
+                           "samples": drawn}])
+
+
+def _answer_pending(spec: PolicySpec, model, tokenizer, pending: list[dict], total: int, args: EvalArguments,
+                    journal: Path, done: dict) -> None:
     texts = [render_prompt(tokenizer, args.benchmark, t["prompt"]) for t in pending]
     with JournalWriter(journal) as writer, \
-            tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc=f"answering ({spec.name})",
+            tqdm(total=total, initial=total - len(pending), desc=f"answering ({spec.name})",
                  unit="answer") as progress:
         for batch, outputs in answer_batches(model, tokenizer, texts, args.batch_size, args.max_new_tokens):
             entries = [{"model": spec.name, "cell": pending[i]["cell"], "question_id": pending[i]["question_id"],
@@ -241,7 +293,6 @@ def generate_answers(spec: PolicySpec, tasks: list[dict], args: EvalArguments, j
             done.update(((e["model"], e["cell"], e["question_id"]), e) for e in entries)
             writer.write(entries)
             progress.update(len(batch))
-    del model
 
 
 def answer_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_new_tokens: int):
@@ -258,33 +309,6 @@ def answer_batches(model, tokenizer, texts: Sequence[str], batch_size: int, max_
 
 
 # ----------------------------------------------------------------------------- scoring
-
-
-def score_examples(rows: list[dict], embedder, calibrator, checker) -> None:
-    """Add the correctness, similarity and grounding fields to each example row (in place)."""
-    similarities = alias_similarity(embedder, [r["output"] for r in rows], [r["answers"] for r in rows])
-    probabilities = calibrator(similarities).tolist()
-    grounding = checker.check_many([r["output"] for r in rows], [r["passages"] for r in rows])
-    for row, similarity, probability, check in zip(rows, similarities, probabilities, grounding, strict=True):
-        row["best_subspan_em"] = best_subspan_em(row["output"], row["answers"])
-        row["exact_match"] = exact_match(row["output"], row["answers"])
-        row["similarity"] = round(similarity, 6)
-        row["p_same"] = round(float(probability), 6)
-        row["grounding_status"] = check["status"]
-        row["unsupported_rate"] = check["unsupported_rate"]
-        row["hallucinated"] = check["hallucinated"]
-        row["claims"] = json.dumps(check["claims"], ensure_ascii=False)
-
-
-def calibration_for(args: EvalArguments, records: list[dict], embedder):
-    """The configured calibration, or one fitted on pairs built from the benchmark's records."""
-    if args.calibration:
-        return Calibrator.load(args.calibration, STAGE), {"source": args.calibration}
-    if args.benchmark == "kv":  # identifiers: the same or not, nothing in between
-        return Calibrator("isotonic", {"x": [0.0, 0.999, 1.0], "y": [0.0, 0.0, 1.0]}), {"source": "exact identity"}
-    pairs = pairs_from_records(records[:500], args.seed)
-    calibrator, metrics, _ = fit_calibration(pairs, embedder, "isotonic", 0.3, args.seed, STAGE)
-    return calibrator, {"source": f"fitted on {len(pairs)} pairs built from {args.records}", **metrics}
 
 
 # ----------------------------------------------------------------------------- main
@@ -336,20 +360,16 @@ def main(argv: list[str] | None = None) -> Path:
 
     check_prompt_lengths(specs, tasks, args)
     calibrator, calibration = calibration_for(args, records, embedder)
-    try:
-        checker = GroundingChecker(embedder, args.grounding_threshold, args.nli_model)
-    except (OSError, ValueError) as exc:
-        raise StageError(STAGE, f"cannot use {args.nli_model} as an NLI model: {str(exc).splitlines()[0]}") from None
-
     partial = output.open()
     journal = partial / "journal.jsonl"
-    done = read_journal(journal)
+    done, samples = read_journal(journal)
     if done:
         logger.info("resuming: %d of %d answers already in %s", len(done), len(tasks) * len(specs), journal)
     device = pick_device()
-    precision = stage_precision(args.precision, device, STAGE) if len(done) < len(tasks) * len(specs) else None
+    precision = stage_precision(args.precision, device, STAGE)
+    checker = make_checker(args, embedder, device, precision, STAGE)
     for spec in specs:
-        generate_answers(spec, tasks, args, journal, done, device, precision)
+        generate_answers(spec, tasks, args, journal, done, samples, device, precision)
 
     by_cell = {cell.key: cell for cell in cells}
     index = {record["id"]: i for i, record in enumerate(chosen)}
@@ -357,18 +377,15 @@ def main(argv: list[str] | None = None) -> Path:
     for spec in specs:
         for task in tasks:
             cell, i = by_cell[task["cell"]], index[task["question_id"]]
-            answer = done[(spec.name, task["cell"], task["question_id"])]
+            key = (spec.name, task["cell"], task["question_id"])
             rows.append({"model": spec.name, "cell": cell.key, "arm": cell.arm, "num_documents": cell.num_documents,
                          "gold_position": cell.gold_position, "question_id": task["question_id"],
                          "question": chosen[i]["question"], "answers": chosen[i]["answers"], "prompt": task["prompt"],
-                         "passages": context_passages(args.benchmark, contexts[cell.key][i]), **answer})
+                         "passages": context_passages(args.benchmark, contexts[cell.key][i]), **done[key],
+                         "samples": samples.get(key, [])})
+    windows = add_prompt_tokens(rows, specs, args.benchmark, STAGE)
     score_examples(rows, embedder, calibrator, checker)
-
-    summary = report.summarize(rows, specs, cells, calibration, args, len(chosen))
-    save_dataset_atomic(Dataset.from_list(rows), partial / "examples")
-    write_json_atomic(partial / "summary.json", summary)
-    report.plot(summary, partial / "plots")
-    (partial / "report.md").write_text(report.markdown(summary), encoding="utf-8")
+    summary = write_results(rows, specs, cells, calibration, args, len(chosen), windows, partial)
     inputs = {"records": args.records, **({"corpus": args.corpus} if args.corpus else {}),
               **{f"adapter_{spec.name}_{n}": a for spec in specs for n, a in enumerate(adapter_chain(spec.adapters))}}
     manifest = base_manifest(STAGE, config, inputs, {s.name: {"model": s.model, "adapters": adapter_chain(s.adapters)}

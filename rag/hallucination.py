@@ -307,14 +307,14 @@ class GroundingChecker:
         if self.structural and not self._nli:
             logit = WEIGHTS["bias"] + sum(WEIGHTS[k] * v for k, v in features.items())
             support = 1.0 / (1.0 + np.exp(-logit))
-            supported = bool(support >= 0.5)
+            supported = bool(support >= 0.5) and not problems  # a verdict with a problem says which
         else:  # the word-level rule: semantic support and every name and number found
             support = (0.5 * (score if self._nli else min(1.0, max(0.0, (score - 0.2) / 0.7))) + 0.5 * coverage) \
                 * 0.25 ** len(problems)
             supported = semantic and not problems
-        if p_yes is not None:
+        if p_yes is not None:  # the verifier's P(yes) and the checker's support, averaged
             support = 0.5 * support + 0.5 * p_yes
-            supported = supported and p_yes >= 0.5
+            supported = bool(support >= 0.5) and (semantic or self.structural)
         return {"claim": claim, "supported": bool(supported), "score": round(float(score), 4),
                 "support": round(float(support), 4), "passage": passage, "evidence": sentence,
                 "missing_numbers": missing_numbers, "missing_names": missing_names, "problems": problems,
@@ -414,14 +414,17 @@ class GroundingChecker:
                 continue
             held, rival, rival_text = -1, -1, ""
             for sentence in sentences:
+                if not any(_as_clause(other).holds(value) for other, _, _ in sentence.values()):
+                    continue  # a swap inside a sentence that holds the claim's value
                 for other, o_start, o_end in sentence.values():
                     if not _same_kind(value, _as_clause(other)):
                         continue
                     o_before, o_after = structure.neighbourhood(sentence.words, o_start, o_end, _STOPWORDS)
                     score = sum(w for k, w in before.items() if k in o_before) + \
                         sum(w for k, w in after.items() if k in o_after)
-                    if _as_clause(other).holds(value):
-                        held = max(held, score)
+                    if _as_clause(other).holds(value):  # its own words, on either side (a paraphrase moves them)
+                        either = sum(w for k, w in {**before, **after}.items() if k in o_before or k in o_after)
+                        held = max(held, score, either - 1)
                     elif score > rival:
                         rival, rival_text = score, sentence.text
             if held >= 0 and rival >= held + 2:
@@ -468,8 +471,8 @@ class GroundingChecker:
                     if topic:
                         s_words = [x for w in s_words for x in ([t.title() for t in topic.split()]
                                                                   if w.lower() in _PRONOUNS else [w])]
-                    if len(claim_stems & _stems(" ".join(s_words))) < 3:
-                        continue
+                    if len(claim_stems & _stems(" ".join(s_words))) < max(3, 0.6 * len(claim_stems)):
+                        continue  # only a sentence that says most of what the claim says
                     order = structure.side_agreement(claim_words, s_words, _STOPWORDS)
                     if order and min(order[0], order[1]) >= 1 and order[0] + order[1] >= 2:
                         problems.append(f"roles: around '{order[2]}' the passage has the parties the other way "

@@ -28,7 +28,7 @@ ALLOWED = {
 }
 # A stage file (and `rag eval`) keeps one skeleton: config -> validate -> data -> model -> loop -> save -> manifest.
 STAGE_FILES = {"align.self_instruct", "align.sft", "align.comparisons", "align.label", "align.reward", "align.ppo",
-               "align.evaluate", "rag.evaluate"}
+               "align.evaluate", "rag.evaluate", "rag.rescore"}
 STAGE_LINES, MODULE_LINES = 450, 600
 
 

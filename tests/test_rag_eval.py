@@ -149,8 +149,11 @@ def test_killed_rag_eval_resumes_to_the_same_answers(rag_set, tiny_model_path, t
     assert "resuming:" in resumed.stderr
     lines = (killed / "journal.jsonl").read_text().splitlines()
     assert lines[:3] == before  # kept, not regenerated
-    keys = [(e["model"], e["cell"], e["question_id"]) for e in map(json.loads, lines)]
+    entries = list(map(json.loads, lines))
+    keys = [(e["model"], e["cell"], e["question_id"]) for e in entries if "samples" not in e]
     assert len(keys) == len(set(keys)) == 6 * len(CAPITALS)
+    sampled = [(e["question_id"], tuple(e["samples"])) for e in entries if "samples" in e]
+    assert len(sampled) == len(CAPITALS) and all(len(s) == 4 for _, s in sampled)  # closed-book, 4 each
 
     fresh = tmp_path / "fresh"
     assert rag(*eval_args(rag_set, fresh, *common)).returncode == 0
@@ -159,6 +162,11 @@ def test_killed_rag_eval_resumes_to_the_same_answers(rag_set, tiny_model_path, t
         return sorted((r["cell"], r["question_id"], r["output"]) for r in load_from_disk(str(path / "examples")))
 
     assert answers(killed) == answers(fresh)
+
+    def samples(path):  # seeded per question: a resumed run draws what an uninterrupted one draws
+        return sorted((r["question_id"], tuple(r["samples"])) for r in load_from_disk(str(path / "examples")))
+
+    assert samples(killed) == samples(fresh)
     assert json.loads((killed / "summary.json").read_text())["accuracy_by_model"] == \
         json.loads((fresh / "summary.json").read_text())["accuracy_by_model"]
 

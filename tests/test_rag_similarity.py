@@ -82,7 +82,8 @@ def test_grounding_undetermined_cases_are_explicit(embedder):
     checker = GroundingChecker(embedder)
     closed_book, empty, mixed = checker.check_many(["Paris.", "", "It was completed in 1889. It is made of gold."],
                                                    [[], PASSAGES, PASSAGES])
-    assert closed_book == {"status": "no_passages", "claims": [], "unsupported_rate": None, "hallucinated": None}
+    assert closed_book == {"status": "no_passages", "claims": [], "unsupported_rate": None, "hallucinated": None,
+                           "support": None, "consistency": None}
     assert empty["status"] == "no_claims" and empty["unsupported_rate"] is None
     assert mixed["status"] == "checked" and mixed["unsupported_rate"] == 0.5
     assert [c["supported"] for c in mixed["claims"]] == [True, False]
