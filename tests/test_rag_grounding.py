@@ -196,8 +196,14 @@ def test_rag_eval_plots_the_number_of_documents(finished_eval):
         assert (finished_eval / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((finished_eval / "summary.json").read_text())
     assert set(summary["accuracy_by_position_and_k"]["tiny"]) == {"first/2", "last/2", "first/3", "last/3"}
-    closed = summary["accuracy_by_model"]["tiny"]["closed_book"]
-    assert closed["consistency_mean"] is not None and closed["prompt_tokens_mean"] > 0
+    assert summary["accuracy_by_model"]["tiny"]["closed_book"]["prompt_tokens_mean"] > 0
+    from datasets import load_from_disk
+
+    for row in load_from_disk(str(finished_eval / "examples")):
+        if row["cell"] == "closed_book":  # two samples each; consistency undefined only for a blank answer
+            assert len(row["samples"]) == 2 and (row["consistency"] is None) == (not row["output"].strip())
+        else:
+            assert row["samples"] == [] and row["consistency"] is None
     assert summary["grounding"] == {"checker": "words", "verifier": None, "consistency_samples": 2}
 
 
