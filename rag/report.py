@@ -253,6 +253,15 @@ def plot(summary: dict, directory: Path) -> list[Path]:
     return paths
 
 
+def _accuracy_panel(axis, title: str, xlabel: str) -> None:
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("accuracy (best_subspan_em), 95% interval")
+    axis.set_ylim(0, 1)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
 def _plots_over_k(summary: dict, directory: Path, models: list[str], colors: dict, documents: list[dict],
                   ks: list[int]) -> list[Path]:
     """accuracy_vs_k.png (a line per relative gold position, oracle at k = 1 and closed-book as references),
@@ -280,12 +289,7 @@ def _plots_over_k(summary: dict, directory: Path, models: list[str], colors: dic
         axis.set_xscale("log")
         axis.set_xticks([1, *ks])
         axis.set_xticklabels(["1\n(oracle)" if "oracle" in acc[m] else "1", *map(str, ks)])
-        axis.set_xlabel("documents in the context (k)")
-        axis.set_ylabel("accuracy (best_subspan_em), 95% interval")
-        axis.set_ylim(0, 1)
-        axis.set_title(m)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _accuracy_panel(axis, m, "documents in the context (k)")
     paths.append(save(figure, directory / "accuracy_vs_k.png", 120))
 
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
@@ -299,12 +303,7 @@ def _plots_over_k(summary: dict, directory: Path, models: list[str], colors: dic
                 ys = [a["rate"] for _, a in points]
                 axis.errorbar([x for x, _ in points], ys, yerr=error_bars(ys, [a["ci95"] for _, a in points]),
                               fmt=styles[label], capsize=3, label=f"gold {label}")
-        axis.set_xlabel("prompt length / context window" if window else "prompt length (tokens)")
-        axis.set_ylabel("accuracy (best_subspan_em), 95% interval")
-        axis.set_ylim(0, 1)
-        axis.set_title(m)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _accuracy_panel(axis, m, "prompt length / context window" if window else "prompt length (tokens)")
     paths.append(save(figure, directory / "accuracy_vs_prompt_length.png", 120))
 
     figure, axes = plt.subplots(1, len(models), figsize=(1.4 * len(ks) * len(models) + 2, 3.2), squeeze=False)

@@ -165,6 +165,8 @@ def fit_weights(checker, rows: list[dict]) -> None:
 def closed_book_consistency(checker, count: int, samples: int, seed: int) -> dict:
     """Greedy closed-book answers of the default model and `samples` samples each; ROC-AUC of consistency
     for a correct answer (best_subspan_em)."""
+    from transformers import set_seed
+
     from align.lm.generation import GenerationSettings, generate
     from align.lm.models import load_tokenizer, pick_device, resolve_model
     from align.lm.policies import load_policy
@@ -187,9 +189,9 @@ def closed_book_consistency(checker, count: int, samples: int, seed: int) -> dic
         batch = texts[start:start + 8]
         greedy += [g[0].text for g in generate(model, tokenizer, batch, GenerationSettings(
             temperature=0.0, max_new_tokens=32, stop=("\n",)))]
+        set_seed(seed + start)
         sampled += [[x.text for x in g] for g in generate(model, tokenizer, batch, GenerationSettings(
-            temperature=1.0, top_p=0.95, max_new_tokens=32, stop=("\n",), num_return_sequences=samples,
-            seed=seed + start))]
+            temperature=1.0, top_p=1.0, max_new_tokens=32, stop=("\n",)), num_return_sequences=samples)]
     generation = time.perf_counter() - started
     consistency = checker.consistency(greedy, sampled)
     correct = [best_subspan_em(a, r["answers"]) for a, r in zip(greedy, records, strict=True)]
