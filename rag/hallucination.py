@@ -16,10 +16,11 @@ structure — and every verdict says why:
 - *verifier* (optional, `verifier=`): a causal LM asked whether the passage supports the claim, scored through
   the probabilities of "Yes" and "No" (`align.lm.generation.score_options`): no sampling, never unparseable.
 
-A claim is **supported** when it has semantic support and no structural problem (and, with a verifier, the
-verifier does not reject it: P(yes) >= 0.5). Its `support` score in [0, 1] — for ranking answers, e.g. ROC-AUC —
-is the semantic score (mean of the rescaled cosine and the share of content words found) times 0.25 per problem,
-averaged with P(yes) when a verifier runs. Per answer: the claims with verdict, evidence and problems, the
+A claim is **supported** when P(supported) >= 0.5, it has no structural problem, and the content words the passages
+lack (if any) come with a close evidence sentence or a date or quantity found in the passages. P(supported) is a
+logistic function (`WEIGHTS`) of the semantic similarity (saturating at the threshold), the words the passages
+lack, the dates and quantities found, and one count per kind of problem; with a verifier it is averaged with
+P(yes). Per answer: the claims with verdict, evidence and problems, the
 unsupported-claim rate, `support` (of the weakest claim) and a `status`: `checked`, or explicitly undetermined —
 `no_passages` (closed-book: nothing to be grounded in; `consistency` then tells how well the answer agrees with
 other samples of the same model, SelfCheckGPT-style, when samples are given) or `no_claims` (empty answer).
@@ -307,7 +308,9 @@ class GroundingChecker:
         if self.structural and not self._nli:
             logit = WEIGHTS["bias"] + sum(WEIGHTS[k] * v for k, v in features.items())
             support = 1.0 / (1.0 + np.exp(-logit))
-            supported = bool(support >= 0.5) and not problems  # a verdict with a problem says which
+            # a verdict with a problem says which; words the passages lack need the evidence sentence close by
+            # (cosine >= threshold) or a date or quantity of the claim found in the passages
+            supported = bool(support >= 0.5) and not problems and (semantic or not new_words or matched > 0)
         else:  # the word-level rule: semantic support and every name and number found
             support = (0.5 * (score if self._nli else min(1.0, max(0.0, (score - 0.2) / 0.7))) + 0.5 * coverage) \
                 * 0.25 ** len(problems)
