@@ -269,7 +269,10 @@ class GroundingChecker:
                 results.append({"status": "no_claims", "claims": [], "unsupported_rate": None, "hallucinated": None,
                                 "support": None, "consistency": None})
                 continue
-            context = [parsed.setdefault(p, _Passage.of(p)) for p in shown]
+            for p in shown:  # a passage shown with many questions is parsed once
+                if p not in parsed:
+                    parsed[p] = _Passage.of(p)
+            context = [parsed[p] for p in shown]
             verdicts = [self._verdict(claim, context, similarity[(a, c)], verified.get((a, c)))
                         for c, claim in enumerate(claims)]
             unsupported = sum(not v["supported"] for v in verdicts)
@@ -366,8 +369,9 @@ class GroundingChecker:
         passage_words = set().union(*(p.lower_words for p in context))
         self._neighbours(claim, [u for p in context for u in p.sentence_units], problems)
         for part in structure.clauses(claim) or [claim]:
-            self._binding(_Clause.of(part), fine, problems)
-            self._polarity(_Clause.of(part), fine, evidence_sentence, problems)
+            clause = _Clause.of(part)
+            self._binding(clause, fine, problems)
+            self._polarity(clause, fine, evidence_sentence, problems)
         self._roles(claim, context, problems)
         self._time_order(claim, context, problems)
         claim_words = structure.tokens(claim)
