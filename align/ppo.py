@@ -2,7 +2,8 @@
 
 Reads prompts (a `prompt` column, text or chat, or `messages` chats — e.g. an `align self-instruct`
 output), an `align sft` output (`--sft_adapter`, merged into the base to start the policy) and an
-`align reward` output (`--reward_model`: scores the responses, and starts the value model). Writes
+`align reward` output (`--reward_model`: scores the responses, and with `--value_model reward`, the default,
+starts the value model; `--value_model policy` puts a value head on the policy instead). Writes
 `<output_dir>/adapter/` (the policy LoRA, loaded on top of the SFT-merged base; its model card names
 the SFT adapter and reward model), `logs/` (metrics.jsonl, samples.jsonl, TensorBoard) and
 `manifest.json` with the reward curve's ends. Checkpoints every `--save_steps` hold everything a
@@ -57,8 +58,10 @@ from align.lm.models import (
 from align.lm.precision import PRECISION_HELP, precision_problems, stage_precision
 from align.lm.training import latest_checkpoint, truncate_history
 from align.preferences.prompts import prompt_records
+from align.rlhf.embedding_judge import EmbeddingJudge
 from align.rlhf.judges import HeldOutEvaluation, judge_backbone, load_judge, parse_judges
 from align.rlhf.ppo_trainer import (
+    PolicyValueHead,
     PPOSettings,
     PPOTrainer,
     load_checkpoint,
@@ -88,6 +91,12 @@ class PPOArguments(RunArguments):
         default=None, metadata={"help": "An `align sft` output: merged into the base to start the policy."}
     )
     reward_model: str = field(default="runs/reward", metadata={"help": "An `align reward` output directory."})
+    value_model: str = field(
+        default="reward", metadata={"help": "reward: a value model of its own, a copy of the reward model with a new "
+                                    "LoRA (InstructGPT; an LM reward model only). policy: a value head on the policy's "
+                                    "trunk: no second backbone, one forward and backward pass per minibatch instead "
+                                    "of two, any reward output (an embedding judge too)."}
+    )
     output_dir: str = field(default="runs/ppo", metadata={"help": "Where the finished stage output goes."})
     total_steps: int = field(default=20, metadata={"help": "PPO iterations (one rollout batch each)."})
     rollout_batch_size: int = field(default=8, metadata={"help": "Prompts sampled per iteration."})
@@ -186,14 +195,24 @@ def option_problems(args: PPOArguments, settings: PPOSettings) -> list[str]:
     return problems
 
 
+def reward_backbone(args: PPOArguments) -> str:
+    return read_manifest(args.reward_model).get("config", {}).get("model", {}).get("backbone", "lm")
+
+
 def check_inputs(args: PPOArguments) -> None:
     """The reward model and the SFT adapter exist, before anything is loaded."""
     reward_manifest = Path(args.reward_model) / "manifest.json"
     if not reward_manifest.exists() or read_manifest(args.reward_model).get("stage") != "reward":
         raise StageError(STAGE, f"no reward model at {args.reward_model} — pass an `align reward` output directory")
-    if read_manifest(args.reward_model).get("config", {}).get("model", {}).get("backbone", "lm") != "lm":
-        raise StageError(STAGE, f"{args.reward_model} is an embedding judge; PPO's value model starts from the reward "
-                         "model, so it needs an `align reward --backbone lm` output")
+    if args.value_model not in ("reward", "policy"):
+        raise StageError(STAGE, f"--value_model {args.value_model!r}: choose reward or policy")
+    if args.value_model == "reward" and reward_backbone(args) != "lm":
+        raise StageError(STAGE, f"{args.reward_model} is an embedding judge; --value_model reward starts the value "
+                         "model from the reward model, so it needs an `align reward --backbone lm` output — or pass "
+                         "--value_model policy")
+    if judge_backbone(args.reward_model) is None:
+        raise StageError(STAGE, f"{args.reward_model} is not a finished `align reward` output (its adapter or judge "
+                         "is missing) — train it again")
     if args.sft_adapter:
         require_adapter(args.sft_adapter, STAGE)
     for name, path in parse_judges(args.eval_judges, STAGE) if args.eval_judges else []:
@@ -220,7 +239,8 @@ def ptx_sequences(args: PPOArguments, tokenizer) -> list[list[int]]:
 
 
 def build_trainer(args: PPOArguments, settings: PPOSettings, accelerator=None) -> tuple[PPOTrainer, str]:
-    """Policy (base + merged SFT adapter + new LoRA), value model (reward model + new LoRA), scorer."""
+    """Policy (base + merged SFT adapter + new LoRA), value model (reward model + new LoRA, or a head on the
+    policy), scorer."""
     model_path = resolve_model(args.model_name_or_path, STAGE)
     tokenizer = load_tokenizer(model_path, STAGE)
     device = accelerator.device if accelerator is not None else torch.device(pick_device())
@@ -231,15 +251,21 @@ def build_trainer(args: PPOArguments, settings: PPOSettings, accelerator=None) -
     targets = args.lora_target_modules[0] if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
     policy = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                              target_modules=targets, task_type="CAUSAL_LM")).to(device)
-    reward, reward_tokenizer, reward_manifest = load_reward_model(args.reward_model, dtype=torch.float32)
-    metrics = reward_manifest.get("metrics", {})
-    # The reward model is frozen: under bf16 its weights are cast once (half the memory, no per-call casts).
-    scorer = RewardModelScorer(prepare_for_scoring(reward, precision, device), reward_tokenizer,
-                               float(metrics.get("reward_mean", 0.0)), float(metrics.get("reward_std", 1.0)),
-                               args.reward_max_length)
-    value_base, _, _ = load_reward_model(args.reward_model, dtype=torch.float32)  # trained: fp32 master weights
-    value = value_model_from(value_base.merge_and_unload(), args.lora_r, args.lora_alpha, args.lora_dropout,
-                             targets).to(device)
+    if reward_backbone(args) == "embedding":
+        scorer = EmbeddingJudge.from_output(args.reward_model, device=device.type)
+    else:
+        reward, reward_tokenizer, reward_manifest = load_reward_model(args.reward_model, dtype=torch.float32)
+        metrics = reward_manifest.get("metrics", {})
+        # The reward model is frozen: under bf16 its weights are cast once (half the memory, no per-call casts).
+        scorer = RewardModelScorer(prepare_for_scoring(reward, precision, device), reward_tokenizer,
+                                   float(metrics.get("reward_mean", 0.0)), float(metrics.get("reward_std", 1.0)),
+                                   args.reward_max_length)
+    if args.value_model == "policy":
+        value = PolicyValueHead(base.config.hidden_size).to(device)
+    else:
+        value_base, _, _ = load_reward_model(args.reward_model, dtype=torch.float32)  # trained: fp32 master weights
+        value = value_model_from(value_base.merge_and_unload(), args.lora_r, args.lora_alpha, args.lora_dropout,
+                                 targets).to(device)
     ptx = ptx_sequences(args, tokenizer) if args.ptx_dataset and settings.ptx_coef > 0 else None
     return PPOTrainer(policy, value, tokenizer, scorer, settings, ptx, accelerator, precision), model_path
 

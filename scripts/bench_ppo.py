@@ -9,6 +9,8 @@ completions per optimizer step and the same generation length and sampling:
   LoRA) forward and backward pass, and a reference forward pass;
 - ours-keep: the same without gradient checkpointing (activations kept for the backward pass), to show
   what recomputing them (our default, and TRL's) saves and costs;
+- ours-head: `--value_model policy`, the value head on the policy's trunk: no second backbone, and log-probs
+  and values from one forward and backward pass;
 - TRL: `RLOOTrainer` with `num_generations=2` (its leave-one-out baseline needs two samples per prompt),
   so half as many prompts give the same number of completions; beta > 0 so it runs its reference pass too.
 
@@ -21,7 +23,8 @@ timed steps. Reported: completions per second and peak memory (resident set on C
 Both sides compute at the same `--precision` (default auto: bf16 mixed precision where the hardware has it).
 
 The last line printed is `RESULT samples_per_s_ours=<a> samples_per_s_trl=<b> ratio=<a/b>
-peak_mb_ours=<x> peak_mb_trl=<y> mem_ratio=<x/y> samples_per_s_ours_keep=<c> peak_mb_ours_keep=<z>`; the numbers
+peak_mb_ours=<x> peak_mb_trl=<y> mem_ratio=<x/y> samples_per_s_ours_keep=<c> peak_mb_ours_keep=<z>
+ratio_head=<ours-head/b> mem_ratio_head=<..>`; the numbers
 also go to runs/bench/ppo.json (`--out`).
 """
 
@@ -41,8 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-# ours (activations recomputed in the backward pass, the default), ours keeping them, TRL
-SIDES = ("ours", "ours-keep", "trl")
+# ours (activations recomputed in the backward pass, the default), ours keeping them, ours with the value head on
+# the policy, TRL
+SIDES = ("ours", "ours-keep", "ours-head", "trl")
 
 
 def peak_mb() -> float:
@@ -61,7 +65,7 @@ def load_prompts(args) -> list:
     return [record["prompt"] for record in records]
 
 
-def run_ours(args, gradient_checkpointing: bool = True) -> dict:
+def run_ours(args, gradient_checkpointing: bool = True, value_model: str = "reward") -> dict:
     import torch
     from transformers import set_seed
 
@@ -72,7 +76,8 @@ def run_ours(args, gradient_checkpointing: bool = True) -> dict:
                            mini_batch_size=args.completions, learning_rate=1e-5, value_learning_rate=1e-5,
                            init_kl_coef=0.05, seed=0, gradient_checkpointing=gradient_checkpointing)
     stage_args = PPOArguments(model_name_or_path=args.model, reward_model=args.reward_model, lora_r=16,
-                              lora_alpha=32, rollout_batch_size=args.completions, precision=args.precision)
+                              lora_alpha=32, rollout_batch_size=args.completions, precision=args.precision,
+                              value_model=value_model)
     set_seed(0)
     trainer, _ = build_trainer(stage_args, settings)
     prompts = load_prompts(args)
@@ -162,7 +167,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "ppo.json"))
     args = parser.parse_args()
     if args.side:
-        result = run_trl(args) if args.side == "trl" else run_ours(args, args.side == "ours")
+        result = (run_trl(args) if args.side == "trl" else
+                  run_ours(args, args.side != "ours-keep", "policy" if args.side == "ours-head" else "reward"))
         print("SIDE " + json.dumps(result), flush=True)
         return
 
@@ -181,11 +187,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"settings": vars(args), "results": results,
                                           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}},
                                          indent=2))
-    ours, keep, trl = results["ours"], results["ours-keep"], results["trl"]
+    ours, keep, head, trl = results["ours"], results["ours-keep"], results["ours-head"], results["trl"]
     print(f"RESULT samples_per_s_ours={ours['samples_per_s']:.3f} samples_per_s_trl={trl['samples_per_s']:.3f} "
           f"ratio={ours['samples_per_s'] / trl['samples_per_s']:.2f} peak_mb_ours={ours['peak_mb']:.0f} "
           f"peak_mb_trl={trl['peak_mb']:.0f} mem_ratio={ours['peak_mb'] / trl['peak_mb']:.2f} "
-          f"samples_per_s_ours_keep={keep['samples_per_s']:.3f} peak_mb_ours_keep={keep['peak_mb']:.0f}")
+          f"samples_per_s_ours_keep={keep['samples_per_s']:.3f} peak_mb_ours_keep={keep['peak_mb']:.0f} "
+          f"ratio_head={head['samples_per_s'] / trl['samples_per_s']:.2f} "
+          f"mem_ratio_head={head['peak_mb'] / trl['peak_mb']:.2f}")
 
 
 if __name__ == "__main__":

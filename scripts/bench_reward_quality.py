@@ -54,11 +54,11 @@ CANDIDATES = {
 }
 
 
-def run(args: list[str], log: Path) -> dict:
-    """Run `align *args` in a child process; its wall time and peak resident memory."""
+def run(args: list[str], log: Path, program: tuple[str, ...] = ("-m", "align.cli")) -> dict:
+    """Run `align *args` (or `python *program *args`) in a child process; its wall time and peak resident memory."""
     started = time.perf_counter()
     with open(log, "w") as stderr:
-        child = subprocess.Popen([sys.executable, "-m", "align.cli", *args], cwd=REPO, stdout=stderr, stderr=stderr,
+        child = subprocess.Popen([sys.executable, *program, *args], cwd=REPO, stdout=stderr, stderr=stderr,
                                  env={**os.environ, "PYTHONPATH": str(REPO)})
         _, status, usage = os.wait4(child.pid, 0)
     code = os.waitstatus_to_exitcode(status)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     reward = root / "fake_reward"  # enough of a reward output for the checks that come before any model loads
     reward.mkdir()
     (reward / "manifest.json").write_text(json.dumps({"stage": "reward", "config": {}, "metrics": {}}))
+    made["bare_reward"] = root / "bare_reward"  # a manifest without the adapter: not a finished output
+    shutil.copytree(reward, made["bare_reward"])
+    (reward / "adapter").mkdir()
     made["reward"] = reward
     gold = {"title": "t", "text": "Paris is in France.", "isgold": True}
     made["two_golds"] = write_jsonl(root / "two_golds.jsonl", [
@@ -106,6 +110,8 @@ CASES = [
     ("ppo", [*TINY["ppo"], "--reward_model", "{reward}", "--sft_adapter", "{not_adapter}"], 1, "no adapter at"),
     ("ppo", [*TINY["ppo"], "--reward_model", "{reward}", "--dataset_name", "{empty_prompts}"], 1, "holds no rows"),
     ("ppo", [*TINY["ppo"], "--reward_model", "{not_adapter}"], 1, "no reward model at"),
+    ("ppo", [*TINY["ppo"], "--reward_model", "{bare_reward}"], 1, "is not a finished `align reward` output"),
+    ("ppo", [*TINY["ppo"], "--reward_model", "{reward}", "--value_model", "both"], 1, "choose reward or policy"),
     ("self-instruct", [*TINY["self-instruct"], "--temperature", "nan"], 1, "--temperature must be a finite"),
     ("self-instruct", [*TINY["self-instruct"], "--min_words", "5", "--max_words", "4"], 1, "--max_words must be >"),
     ("self-instruct", [*TINY["self-instruct"], "--prompt_mode", "poetry", "--batch_size", "0"], 2, "--prompt_mode"),
@@ -123,7 +129,8 @@ CASES = [
     ("evaluate", ["--policies", "a=tiny-llama", "--judges", "j={reward}", "--max_prompts", "0", "--temperature", "0"],
      2, "--max_prompts must be >= 1"),
     ("evaluate", ["--policies", "a=tiny-llama", "a=tiny-llama", "--judges", "j={reward}"], 1, "unique names"),
-    ("evaluate", ["--policies", "a=tiny-llama", "--judges", "j={reward}"], 1, "not a finished `align reward` output"),
+    ("evaluate", ["--policies", "a=tiny-llama", "--judges", "j={bare_reward}"], 1,
+     "not a finished `align reward` output"),
 ]
 
 

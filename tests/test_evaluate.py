@@ -5,6 +5,7 @@ work, and bad inputs are one line with nothing on disk."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -223,4 +224,41 @@ def test_ppo_eval_judges_bad_inputs_are_one_line(trained, tmp_path, extra, messa
     result = run_align(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message.format(**trained) in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_ppo_with_the_value_head_on_the_policy_optimises_an_embedding_judge(trained, tmp_path):
+    """`--value_model policy`: no value model of its own, so the reward can be an embedding judge; the run checkpoints
+    the head beside the policy's LoRA, resumes from it, and its checkpoint loads as a policy for `align evaluate`."""
+    out = tmp_path / "ppo"
+    args = ["ppo", "--model_name_or_path", "tiny-llama", "--reward_model", trained["emb"], "--value_model", "policy",
+            "--dataset_name", DEMONSTRATIONS, "--output_dir", out, "--rollout_batch_size", "4", "--mini_batch_size",
+            "2", "--ppo_epochs", "1", "--max_new_tokens", "8", "--save_steps", "2", "--lora_r", "4", "--lora_alpha",
+            "8", "--keep_checkpoints", "true", "--total_steps", "4"]
+    checkpoint = tmp_path / "ppo.partial" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    kill_after_journal_line(args, checkpoint, tmp_path / "first.log", {**os.environ, "PYTHONPATH": str(ROOT)},
+                            lines=0)
+    second = run_align(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from checkpoint-" in second.stderr
+    manifest = read_manifest(out)
+    assert manifest["config"]["data"]["value_model"] == "policy" and manifest["metrics"]["steps"] == 4
+    weights = torch.load(out / "checkpoints" / "checkpoint-4" / "weights.pt", weights_only=True)
+    assert {n for n in weights if n.startswith("value.")} == {"value.head.weight"}
+    assert any(n.startswith("policy.") and "lora_" in n for n in weights)
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["value_loss"]) for r in rows)
+    assert read_manifest(out)["resumed_from"].startswith("checkpoint-")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--reward_model", "{emb}"], "is an embedding judge; --value_model reward starts the value model"),
+    (["--reward_model", "{rm}", "--value_model", "shared"], "--value_model 'shared': choose reward or policy"),
+])
+def test_ppo_value_model_bad_inputs_are_one_line(trained, tmp_path, extra, message):
+    args = ["ppo", "--model_name_or_path", "tiny-llama", "--dataset_name", DEMONSTRATIONS, "--output_dir",
+            tmp_path / "out", *[e.format(**trained) for e in extra]]
+    result = run_align(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

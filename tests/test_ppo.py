@@ -14,7 +14,7 @@ import torch
 
 from align.core.outputs import read_manifest
 from align.lm.precision import choose_precision
-from align.rlhf.ppo_trainer import PPOSettings, PPOTrainer, value_model_from
+from align.rlhf.ppo_trainer import PolicyValueHead, PPOSettings, PPOTrainer, value_model_from
 from tests.conftest import DEMONSTRATIONS, NEEDS_BF16, ROOT, kill_after_journal_line, run_align
 
 # The tiny model's tied output embedding is small, so its next-token distribution is nearly uniform and
@@ -29,7 +29,7 @@ def lowercase_share(prompts: list[str], responses: list[str]) -> torch.Tensor:
 
 
 def make_trainer(tiny_model_path, reward_fn=lowercase_share, ptx_data=None, precision="fp32",
-                 **overrides) -> PPOTrainer:
+                 value_on_policy: bool = False, **overrides) -> PPOTrainer:
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -40,7 +40,8 @@ def make_trainer(tiny_model_path, reward_fn=lowercase_share, ptx_data=None, prec
     policy = get_peft_model(load_causal_lm(tiny_model_path),
                             LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                        task_type="CAUSAL_LM"))
-    value = value_model_from(load_causal_lm(tiny_model_path), lora_r=8, lora_alpha=16)
+    value = (PolicyValueHead(policy.config.hidden_size) if value_on_policy
+             else value_model_from(load_causal_lm(tiny_model_path), lora_r=8, lora_alpha=16))
     settings = PPOSettings(**{"max_new_tokens": 16, "ppo_epochs": 4, "mini_batch_size": 8, "learning_rate": 1e-2,
                               "value_learning_rate": 1e-2, "init_kl_coef": 0.02, "target_kl": 8.0, "kl_horizon": 200,
                               "seed": 0, **overrides})
@@ -50,11 +51,12 @@ def make_trainer(tiny_model_path, reward_fn=lowercase_share, ptx_data=None, prec
 PROMPTS = [f"Question {i}: say something." for i in range(16)]
 
 
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=NEEDS_BF16)])
-def test_reward_rises_while_kl_stays_bounded(tiny_model_path, one_thread, precision):
+@pytest.mark.parametrize("precision,value_on_policy", [("fp32", False), pytest.param("bf16", False, marks=NEEDS_BF16),
+                                                      ("fp32", True)])
+def test_reward_rises_while_kl_stays_bounded(tiny_model_path, one_thread, precision, value_on_policy):
     """Sampled scores rise over 30 iterations, and so does the score of greedy responses to prompts never trained on;
-    under bf16 autocast as under fp32."""
-    trainer = make_trainer(tiny_model_path, precision=precision)
+    under bf16 autocast as under fp32, and with the value head on the policy's trunk as with a value model."""
+    trainer = make_trainer(tiny_model_path, precision=precision, value_on_policy=value_on_policy)
     held_out = [f"Request {i}: write one line." for i in range(8)]
     before = trainer.evaluate(held_out, batch_size=4)
     history = [trainer.step(PROMPTS)[0] for _ in range(30)]
@@ -109,6 +111,51 @@ def test_gradient_checkpointing_changes_memory_not_the_update(tiny_model_path, o
         assert torch.allclose(a, b, atol=1e-6)  # ...and the same thing
 
 
+def test_value_head_on_the_policy_shares_its_forward_pass(tiny_model_path, one_thread):
+    """With the value head on the policy's trunk, the rollout's log-probs are the policy's own (one pass gives both),
+    the values start at 0, and the value loss reaches the policy's LoRA as well as the head."""
+    trainer = make_trainer(tiny_model_path, value_on_policy=True, ppo_epochs=1)
+    assert trainer.shared_value and {n for n, _ in trainer.value_model.named_parameters()} == {"head.weight"}
+    rollout = trainer.rollout(PROMPTS[:4])
+    assert rollout.values.abs().max() == 0
+    response = rollout.sequences[:, rollout.prompt_length:]
+    with torch.no_grad():
+        logits = trainer.policy(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits
+    own = logits[:, rollout.prompt_length - 1:-1].float().log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
+    assert torch.allclose(own * rollout.mask, rollout.logprobs * rollout.mask, atol=1e-5)
+    trainer = make_trainer(tiny_model_path, value_on_policy=True, vf_coef=1.0)
+    rollout.advantages.zero_()  # no policy-gradient signal: only the value loss moves anything
+    before = [p.detach().clone() for p in trainer.trainable]
+    trainer.update(rollout)
+    moved = [(a - b).abs().max().item() for a, b in zip(trainer.trainable, before, strict=True)]
+    assert moved[-1] > 0 and max(moved[:-1]) > 0  # the head (last) and the policy's LoRA
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=NEEDS_BF16)])
+def test_sampling_copy_is_the_policy_as_trained(tiny_model_path, one_thread, precision):
+    """The merged copy that samples gives the trained policy's next-token distribution after updates (the same
+    logits under fp32; within bf16 rounding under bf16), its tied input embeddings untouched by the output
+    layer's adapter, and sampling is seeded: the same rollout twice from the same state."""
+    trainer = make_trainer(tiny_model_path, precision=precision, ppo_epochs=1)
+    for _ in range(2):
+        trainer.step(PROMPTS[:8])
+    sampler = trainer.sampling_model()
+    batch = trainer.tokenizer(PROMPTS[:4], return_tensors="pt", padding=True)
+    with torch.no_grad(), trainer.autocast():
+        ours = trainer.policy(**batch).logits.float().log_softmax(-1)
+        theirs = sampler(**batch).logits.float().log_softmax(-1)
+    mask = batch["attention_mask"].bool()
+    gap = (ours - theirs).abs()[mask].max().item()
+    assert gap < (1e-4 if precision == "fp32" else 0.1), gap
+    assert (ours.exp() - theirs.exp()).abs()[mask].max() < (1e-5 if precision == "fp32" else 0.01)
+    base = trainer.policy.get_base_model()
+    assert torch.equal(sampler.get_input_embeddings().weight.float(), base.get_input_embeddings().weight.float())
+    state = torch.get_rng_state()
+    first = trainer.sample(batch)
+    torch.set_rng_state(state)
+    assert torch.equal(trainer.sample(batch), first)
+
+
 def test_ptx_loss_is_mixed_in_and_learned(tiny_model_path, one_thread):
     """PPO-ptx with a flat reward: the language-modelling loss on the ptx text falls."""
     trainer = make_trainer(tiny_model_path)
@@ -125,16 +172,16 @@ def test_padding_after_eos_is_masked(tiny_model_path, one_thread):
     """A response that ends early: its mask stops at the end-of-sequence token, padding gets no reward or KL."""
     trainer = make_trainer(tiny_model_path, max_new_tokens=8)
     eos = trainer.tokenizer.eos_token_id
-    real_generate = trainer.policy.generate
+    real_sample = trainer.sample
 
-    def early_eos(**kwargs):
-        sequences = real_generate(**kwargs)
-        prompt_length = kwargs["input_ids"].shape[1]
+    def early_eos(batch):
+        sequences = real_sample(batch)
+        prompt_length = batch["input_ids"].shape[1]
         sequences[0, prompt_length + 2] = eos  # the first response ends at its third token
         sequences[0, prompt_length + 3:] = trainer.tokenizer.pad_token_id
         return sequences
 
-    trainer.policy.generate = early_eos
+    trainer.sample = early_eos
     rollout = trainer.rollout(PROMPTS[:2])
     assert rollout.mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
     assert not rollout.truncated[0] and rollout.truncated[1]

@@ -3,8 +3,12 @@
 - **Policy**: a causal LM (the SFT model: base with the SFT adapter merged) with a new trainable LoRA.
 - **Reference**: the same weights with the LoRA disabled (`disable_adapter()`), so no second copy.
 - **Reward**: any `RewardFunction` (prompts, responses) -> scores, e.g. `align.rlhf.reward_model.RewardModelScorer`.
-- **Value model**: a backbone with its own trainable LoRA and a linear head giving a value per token,
-  initialised from the reward model's backbone and score head when there is one (as InstructGPT did).
+- **Value model**, one of two kinds:
+  `ValueModel`, a backbone with its own trainable LoRA and a linear head giving a value per token, initialised
+  from the reward model's backbone and score head when there is one (as InstructGPT did); or `PolicyValueHead`,
+  a linear head on the policy's own last hidden states (the arrangement of TRL's former PPO trainer): one
+  forward and backward pass gives log-probs and values, no second backbone in memory, and the reward function
+  can be anything (an embedding judge too). The policy's LoRA then also learns from the value loss.
 
 One `PPOTrainer.step(prompts)`: sample responses, score them, compute policy / reference log-probs and
 values in one forward pass each, turn the score and the per-token KL into rewards, estimate advantages
@@ -68,6 +72,11 @@ class PPOSettings:
         metadata={"help": "PPO-ptx (InstructGPT): weight of the language-modelling loss on --ptx_dataset."})
     ptx_batch_size: int = field(default=4, metadata={"help": "PPO-ptx: sequences per optimizer step."})
     seed: int = field(default=42, metadata={"help": "Seed for adapters, sampling and prompt order."})
+    merged_sampling: bool = field(default=True,
+        metadata={"help": "Sample from a copy of the policy with its LoRA merged in and, under bf16, its layers in "
+                  "bf16 (the output layer stays fp32), refreshed before every rollout: decoding without the adapter's "
+                  "extra products and per-call weight casts (1.5x faster generation on the default model on 2 CPU "
+                  "cores), for one more copy of the model in memory. Log-probs still come from the trained policy."})
     gradient_checkpointing: bool = field(default=True,
         metadata={"help": "Recompute the policy's and value model's activations in the backward pass instead of "
                   "keeping them: peak memory no longer grows with every token of the longest minibatch, for one "
@@ -88,6 +97,33 @@ class ValueModel(nn.Module):
             return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # [B, T]
 
 
+class PolicyValueHead(nn.Module):
+    """A value head on the policy's trunk: values from the same hidden states the policy's logits come from."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.head = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.head.weight)  # every value 0 at the start; the returns teach it
+
+
+class PolicyAndValue(nn.Module):
+    """The policy and its `PolicyValueHead` as one module (one forward pass, one DDP wrapper): returns the logits
+    of the last `logits_to_keep` positions and a value for every position."""
+
+    def __init__(self, policy: nn.Module, value_head: PolicyValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
+        model = self.policy.get_base_model()  # the LoRA layers sit inside it: calling its parts applies them
+        hidden = getattr(model, model.base_model_prefix)(input_ids=input_ids,
+                                                           attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, -logits_to_keep:])
+        with autocast_off(hidden.device.type):
+            values = self.value_head.head(hidden.to(self.value_head.head.weight.dtype)).squeeze(-1)
+        return logits, values
+
+
 def value_model_from(model: nn.Module, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
                      target_modules: str | list[str] = "all-linear") -> ValueModel:
     """A value model on `model`'s backbone with a new trainable LoRA and a trainable linear head.
@@ -105,6 +141,52 @@ def value_model_from(model: nn.Module, lora_r: int = 16, lora_alpha: int = 32, l
             head.weight.zero_()
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
     return ValueModel(get_peft_model(backbone, lora), head.to(next(backbone.parameters()).dtype))
+
+
+def merged_copy(policy, precision: Precision) -> nn.Module:
+    """A plain copy of a LoRA policy for sampling: the adapter merged into its layers; under bf16 every linear
+    layer but the output layer cast to bf16 (bf16 autocast computes them in bf16 anyway, from fp32 weights it
+    casts at every call), the output layer fp32 as in the policy. Frozen, in eval mode."""
+    import copy
+
+    sampler = copy.deepcopy(policy)
+    output = sampler.get_base_model().get_output_embeddings()
+    layer = output.get_base_layer() if hasattr(output, "get_base_layer") else output
+    if layer is not output:  # an adapted output layer tied to the input embeddings: merge into the output side only
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    sampler = sampler.merge_and_unload().eval()
+    sampler.requires_grad_(False)
+    if precision.is_bf16:
+        output = sampler.get_output_embeddings()
+        for module in sampler.modules():
+            if isinstance(module, nn.Linear) and module is not output and module.weight is not output.weight:
+                module.to(precision.dtype)
+    # What the copy holds unchanged (embeddings, norms, layers without an adapter: frozen, same name and dtype in the
+    # policy) it shares with the policy instead of keeping a second copy.
+    frozen = {name.removeprefix("base_model.model."): param
+              for name, param in policy.named_parameters(remove_duplicate=False)
+              if not param.requires_grad}
+    for name, param in list(sampler.named_parameters(remove_duplicate=False)):
+        same = frozen.get(name)
+        if same is not None and same.dtype == param.dtype and same.shape == param.shape:
+            owner, _, leaf = name.rpartition(".")
+            setattr(sampler.get_submodule(owner), leaf, same)
+    return sampler
+
+
+@torch.no_grad()
+def refresh_merged_copy(sampler: nn.Module, policy) -> None:
+    """Write the policy's current weights, adapter merged, into `merged_copy`'s layers (in their dtype)."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."  # a PeftModel's names of the wrapped model's modules
+    for name, module in policy.named_modules():
+        if isinstance(module, LoraLayer) and not module.disable_adapters:
+            target = sampler.get_submodule(name.removeprefix(prefix))
+            weight = module.get_base_layer().weight
+            for adapter in module.active_adapters:
+                weight = weight + module.get_delta_weight(adapter)
+            target.weight.copy_(weight)
 
 
 @dataclass
@@ -130,8 +212,9 @@ class Rollout:
 class PPOTrainer:
     """Policy (with LoRA), value model and reward function, and the PPO step that improves the policy."""
 
-    def __init__(self, policy, value_model: ValueModel, tokenizer, reward_fn: RewardFunction, settings: PPOSettings,
-                 ptx_data: Sequence[list[int]] | None = None, accelerator=None, precision: Precision | None = None):
+    def __init__(self, policy, value_model: ValueModel | PolicyValueHead, tokenizer, reward_fn: RewardFunction,
+                 settings: PPOSettings, ptx_data: Sequence[list[int]] | None = None, accelerator=None,
+                 precision: Precision | None = None):
         """`accelerator` (an `accelerate.Accelerator`) spreads the work over processes: each rank samples its
         share of every batch, gradients are averaged across ranks (DDP), statistics and the KL coefficient
         are the mean over ranks. Without one, everything runs in this process.
@@ -144,10 +227,14 @@ class PPOTrainer:
             # bf16 logits (an 8-bit mantissa: steps of 0.06-0.125 at typical logit sizes) would put that much noise
             # into every probability ratio PPO takes between two forward passes; the output layer stays fp32.
             compute_in_fp32(policy.get_base_model().get_output_embeddings())
+        # A head on the policy's trunk (`PolicyValueHead`) or a model of its own (`ValueModel`).
+        self.shared_value = isinstance(value_model, PolicyValueHead)
         if settings.gradient_checkpointing:  # only in training mode: sampling and scoring are untouched
-            for model in (policy, value_model.backbone):
+            for model in (policy,) if self.shared_value else (policy, value_model.backbone):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy, self.value_model, self.tokenizer = policy, value_model, tokenizer
+        self.sampler = merged_copy(policy, self.precision) if settings.merged_sampling else None
+        self.joint = PolicyAndValue(policy, value_model) if self.shared_value else None
         self.reward_fn, self.settings = reward_fn, settings
         self.kl_controller = ppo_math.KLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
         policy_params = [p for p in policy.parameters() if p.requires_grad]
@@ -162,8 +249,10 @@ class PPOTrainer:
         self.accelerator = accelerator
         # Training forwards go through the (possibly DDP-wrapped) modules; sampling, the reference pass and
         # saving use the plain ones.
-        self.policy_train, self.value_train = policy, value_model
-        if accelerator is not None:
+        self.policy_train, self.value_train, self.joint_train = policy, value_model, self.joint
+        if accelerator is not None and self.shared_value:
+            self.joint_train, self.optimizer = accelerator.prepare(self.joint, self.optimizer)
+        elif accelerator is not None:
             self.policy_train, self.value_train, self.optimizer = accelerator.prepare(policy, value_model,
                                                                                       self.optimizer)
         self.generator = torch.Generator().manual_seed(settings.seed)  # minibatch order
@@ -196,6 +285,21 @@ class PPOTrainer:
             raise ValueError(f"{type(model).__name__} ignored logits_to_keep: {logits.shape[1]} positions returned "
                              f"for {response_length} response tokens")
         return logits / self.settings.temperature if self.settings.temperature != 1.0 else logits
+
+    def _logits_and_values(self, model, sequences, attention_mask, prompt_length):
+        """(response logits [B, R, V] at the sampling temperature, values [B, R] in fp32): from one pass through
+        the policy and its value head when they share a trunk, else from the policy and the value model."""
+        if not self.shared_value:
+            value_model = self.value_train if model is self.policy_train else self.value_model
+            return (self._response_logits(model, sequences, attention_mask, prompt_length),
+                    self._values(sequences, attention_mask, prompt_length, value_model).float())
+        response_length = sequences.shape[1] - prompt_length
+        with self.autocast():
+            logits, values = model(sequences, attention_mask, response_length + 1)
+        logits = logits[:, :-1]
+        if self.settings.temperature != 1.0:
+            logits = logits / self.settings.temperature
+        return logits, values[:, prompt_length - 1:-1].float()
 
     def _values(self, sequences, attention_mask, prompt_length, model=None):
         model = model or self.value_model
@@ -232,13 +336,13 @@ class PPOTrainer:
         truncated = ~is_eos.any(dim=1)
         attention_mask = torch.cat([batch["attention_mask"], mask.long()], dim=1)
 
-        logits = self._response_logits(self.policy, sequences, attention_mask, prompt_length)
+        logits, values = self._logits_and_values(self.joint or self.policy, sequences, attention_mask,
+                                                 prompt_length)
         logprobs = ppo_math.logprobs_of(logits, response)
         del logits  # [B, R, V]: not kept beside the reference's
         with self.policy.disable_adapter():
             ref_logits = self._response_logits(self.policy, sequences, attention_mask, prompt_length)
         ref_logprobs = ppo_math.logprobs_of(ref_logits, response)
-        values = self._values(sequences, attention_mask, prompt_length).float()
 
         texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
                  for ids, m in zip(response, mask, strict=True)]
@@ -258,11 +362,12 @@ class PPOTrainer:
         new LoRA is the identity)."""
         greedy = GenerationSettings(temperature=0, max_new_tokens=self.settings.max_new_tokens)
         self.policy.eval()
+        model = self.sampling_model()
         texts: list[str] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             with self.autocast():
-                texts += [g[0].text for g in generate(self.policy, self.tokenizer, [self.render(p) for p in chunk],
+                texts += [g[0].text for g in generate(model, self.tokenizer, [self.render(p) for p in chunk],
                                                       greedy)]
         return texts
 
@@ -276,11 +381,18 @@ class PPOTrainer:
                                   responses[start:start + batch_size]).tolist()
         return scores
 
+    def sampling_model(self):
+        """The model that samples: the merged copy, brought up to date with the policy (or the policy itself)."""
+        if self.sampler is None:
+            return self.policy
+        refresh_merged_copy(self.sampler, self.policy)
+        return self.sampler
+
     def sample(self, batch) -> torch.Tensor:
         """The one generation call (Hugging Face `generate`; a faster backend can replace this method)."""
         s = self.settings
         with self.autocast():
-            return self.policy.generate(
+            return self.sampling_model().generate(
                 **batch, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,  # no hidden top-k cut
                 max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
             )
@@ -290,8 +402,8 @@ class PPOTrainer:
     def update(self, rollout: Rollout) -> dict[str, float]:
         """`ppo_epochs` passes over shuffled minibatches of the rollout; returns averaged statistics."""
         s = self.settings
-        self.policy_train.train()
-        self.value_train.train()
+        for model in (self.joint_train,) if self.shared_value else (self.policy_train, self.value_train):
+            model.train()
         size = rollout.sequences.shape[0]
         totals: dict[str, float] = {}
         updates = 0
@@ -309,13 +421,13 @@ class PPOTrainer:
         s = self.settings
         sequences, attention_mask = rollout.sequences[rows], rollout.attention_mask[rows]
         mask, response = rollout.mask[rows], rollout.sequences[rows, rollout.prompt_length:]
-        logits = self._response_logits(self.policy_train, sequences, attention_mask, rollout.prompt_length)
+        logits, values = self._logits_and_values(self.joint_train if self.shared_value else self.policy_train,
+                                                 sequences, attention_mask, rollout.prompt_length)
         logprobs = ppo_math.logprobs_of(logits, response)
         with torch.set_grad_enabled(s.entropy_coef > 0 and torch.is_grad_enabled()):  # else a statistic only
             entropy = ppo_math.masked_mean(ppo_math.entropy_of(logits), mask)
         pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows], mask,
                                                  s.clip_range)
-        values = self._values(sequences, attention_mask, rollout.prompt_length, self.value_train).float()
         vf_loss, vf_stats = ppo_math.value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                                 s.clip_range_value)
         loss = pg_loss + s.vf_coef * vf_loss - s.entropy_coef * entropy
