@@ -21,6 +21,7 @@ One run, every stage through the `align` command as a user runs it:
 
     .venv/bin/python scripts/bench_alignment.py              # about an hour on 2 CPU cores
     .venv/bin/python scripts/bench_alignment.py --reuse      # keep the finished stages in --work
+    .venv/bin/python scripts/bench_alignment.py --intermediate 0   # report only the final PPO policies
     .venv/bin/python scripts/bench_alignment.py --model tiny-llama --ppo_steps 4 --eval_prompts 8   # plumbing
 
 The last line printed is
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=4, help="Sampled responses per prompt and policy.")
     parser.add_argument("--best_of_n", type=int, default=16, help="SFT samples per prompt for best-of-n.")
     parser.add_argument("--max_new_tokens", type=int, default=48, help="Response length (PPO's and the report's).")
+    parser.add_argument("--intermediate", type=int, choices=(0, 1), default=1,
+                        help="1: also evaluate PPO's policies at its evaluation steps (0: only the final ones).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="Keep finished stage outputs in --work.")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench" / "alignment"))
@@ -216,7 +219,8 @@ def main() -> None:
     base = args.model or "smollm2-135m-instruct"
     steps = sorted(int(p.name.split("-")[1]) for p in (ppo / "eval_adapters").iterdir())
     policies = [f"base={base}", f"sft={base}+{sft}",
-                *[f"ppo{s}={base}+{ppo}/eval_adapters/step-{s}" for s in steps if s != args.ppo_steps],
+                *[f"ppo{s}={base}+{ppo}/eval_adapters/step-{s}" for s in steps if s != args.ppo_steps
+                  and args.intermediate],
                 f"ppo={base}+{ppo}", f"ppo_head={base}+{ppo_head}", f"rloo={base}+{sft}+{rloo / 'adapter'}"]
     stage(["evaluate", "--dataset_name", str(prompts), "--dataset_split", "test", "--max_prompts",
            str(args.eval_prompts), "--policies", *policies, "--baseline", "sft", "--judges", f"proxy={proxy}",
