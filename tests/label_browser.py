@@ -44,8 +44,11 @@ class Server:
         self.handle = open(self.log, "a")  # noqa: SIM115 - closed in stop()
         seen = self.handle.tell()  # a restart appends to the same log: read only what this run prints
         self.url = None
+        # Ctrl-C as a terminal sends it: a test run started in the background (`cmd &`) ignores SIGINT, and a child
+        # would inherit that, so the server gets the default disposition back
         self.process = subprocess.Popen(self.args, cwd=ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                        env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + timeout
         while self.url is None:
             found = re.findall(r"open (http://\S+) to rank", self.log.read_text()[seen:])
